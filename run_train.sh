@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train with torchrun. Environment:
+#   NGPU        processes per node (default 1)
+#   CONFIG_FILE TOML config (default configs/debug_model.toml)
+#   LOG_RANK    ranks whose output is shown, comma-separated (default 0)
+# Extra arguments are config overrides, e.g. --checkpoint.enable --training.steps 20
+set -euo pipefail
+cd "$(dirname "$0")"
+NGPU=${NGPU:-1}
+LOG_RANK=${LOG_RANK:-0}
+export CONFIG_FILE=${CONFIG_FILE:-configs/debug_model.toml}
+
+source scripts/bootstrap.sh
+# Validate the config before starting any process, so a typo costs a second and prints one line.
+"$PY" -m savepoint check "$@"
+for arg in "$@"; do [[ "$arg" == "--help" || "$arg" == "-h" ]] && exit 0; done
+
+exec "$PY" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+    -m savepoint train "$@"

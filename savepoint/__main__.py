@@ -1,0 +1,5 @@
+import sys
+
+from savepoint.cli import main
+
+sys.exit(main())

@@ -1,0 +1,276 @@
+"""The checkpoint manager: decides when to save and what to load, on top of torch DCP.
+
+It receives the ``[checkpoint]`` config section and the training components, and it owns the
+checkpoint folder (see ``storage.py`` for the commit protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.stateful import Stateful
+
+from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
+from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
+from savepoint.config.job_config import Checkpoint as CheckpointConfig
+from savepoint.errors import CheckpointError, NotSupportedYet
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "savepoint.step/1"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / 1e9:.3f} GB in {seconds:.3f} s ({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)"
+
+
+def reject_unsupported(cfg: CheckpointConfig) -> None:
+    """Options that parse but whose feature has not landed: fail loudly instead of ignoring them.
+
+    Raises:
+        NotSupportedYet: one of those options is set.
+    """
+    pending = {
+        "--checkpoint.async_mode": cfg.async_mode != "disabled",
+        "--checkpoint.last_save_in_hf": cfg.last_save_in_hf,
+        "--checkpoint.initial_load_in_hf": cfg.initial_load_in_hf,
+        "--checkpoint.create_seed_checkpoint": cfg.create_seed_checkpoint,
+    }
+    for flag, is_set in pending.items():
+        if is_set:
+            raise NotSupportedYet(
+                f"{flag} is not supported yet by this version of savepoint; leave it at its default"
+            )
+
+
+class CheckpointManager:
+    """Saves and loads ``{model tensors (flat), optimizer, lr_scheduler, dataloader, train_state}``.
+
+    Args:
+        cfg: the ``[checkpoint]`` section.
+        dump_folder: ``--job.dump_folder``; ``cfg.folder`` is joined to it.
+        model: the model whose parameters are saved flat at the top level.
+        states: the other components by key (``optimizer``, ``lr_scheduler``, ...), each Stateful.
+        job_config: the resolved config as a dict, stored in every step's manifest.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, dump_folder: str, model: torch.nn.Module,
+                 states: dict[str, Stateful], job_config: dict[str, Any]):
+        reject_unsupported(cfg)
+        self.cfg = cfg
+        self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
+        self.model_state = ModelState(model)
+        self.states = states
+        self.job_config = job_config
+        if cfg.enable and not cfg.load_only and _is_rank0():
+            self.folder.ensure_writable()
+            self.folder.clean_leftovers()
+        _barrier()
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        if not self.cfg.enable or self.cfg.load_only:
+            return False
+        if step == 1 and self.cfg.enable_first_step_checkpoint:
+            return True
+        return last_step or step % self.cfg.interval == 0
+
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Save ``step`` if the interval, first-step or last-step rule asks for it; returns whether it did."""
+        if not self.should_save(step, last_step):
+            return False
+        model_only = last_step and self.cfg.last_save_model_only
+        if model_only:
+            state = self._model_only_state(EXPORT_DTYPES[self.cfg.export_dtype])
+        else:
+            state = {**self.model_state.state_dict(), **self.states}
+        self._write(step, state, kind="model_only" if model_only else "full")
+        if _is_rank0():
+            self.folder.retain_latest(self.cfg.keep_latest_k)
+        _barrier()
+        return True
+
+    def _model_only_state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model tensors with floating ones cast to ``dtype`` (integer and bool tensors stay as they are)."""
+        return {
+            k: v.to(dtype) if torch.is_floating_point(v) and v.dtype != dtype else v
+            for k, v in self.model_state.state_dict().items()
+        }
+
+    def _write(self, step: int, state: dict[str, Any], kind: str) -> None:
+        staging = self.folder.staging_dir(step)
+        if _is_rank0():
+            self.folder.begin(step)
+        _barrier()
+        start = time.perf_counter()
+        try:
+            dcp.save(state, checkpoint_id=staging)
+            _barrier()
+            if _is_rank0():
+                self.folder.commit(step, self._manifest(step, kind, staging))
+        except Exception as e:
+            if _is_rank0():
+                self.folder.abort(step)
+            raise CheckpointError(
+                f"saving step {step} to {self.folder.step_dir(step)} failed ({type(e).__name__}: {e}); "
+                f"nothing was committed and earlier steps are intact"
+            ) from e
+        _barrier()
+        seconds = time.perf_counter() - start
+        nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
+        logger.info("saved step %d (%s) to %s: %s", step, kind, self.folder.step_dir(step), _rate(nbytes, seconds))
+
+    def _manifest(self, step: int, kind: str, staging: Path) -> dict[str, Any]:
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        return {
+            "format": MANIFEST_FORMAT,
+            "step": step,
+            "kind": kind,
+            "export_dtype": self.cfg.export_dtype if kind == "model_only" else None,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "torch_version": torch.__version__,
+            "created_unix": time.time(),
+            "files": files,
+            "job_config": self.job_config,
+        }
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def load(self, step: int = -1) -> int | None:
+        """Restore state at start-up; returns the loaded step, or None for a fresh start.
+
+        ``step == -1`` resumes from the latest committed step in the folder; when there is none,
+        ``initial_load_path`` (if set) is loaded instead. An explicit step must exist.
+
+        Raises:
+            CheckpointError: an explicit step is missing, or the checkpoint does not fit.
+        """
+        if not self.cfg.enable:
+            return None
+        committed = self.folder.committed_steps()
+        if step != -1 and step not in committed:
+            raise CheckpointError(
+                f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; "
+                f"committed steps: {committed or 'none'}"
+            )
+        if step == -1 and committed:
+            step = committed[-1]
+        if step != -1:
+            if self.cfg.initial_load_path:
+                logger.info("skipping --checkpoint.initial_load_path=%s: resuming from %s",
+                            self.cfg.initial_load_path, self.folder.step_dir(step))
+            # Step 0 is a seed checkpoint: weights only, training starts from scratch.
+            self._load_from(self.folder.step_dir(step), model_only=(step == 0), source_step=step)
+            return step
+        if self.cfg.initial_load_path:
+            path = Path(self.cfg.initial_load_path)
+            if not (path / ".metadata").is_file():
+                raise CheckpointError(
+                    f"--checkpoint.initial_load_path={path} is not a DCP checkpoint folder (no .metadata); "
+                    "point it at a step-N folder"
+                )
+            self._load_from(path, model_only=self.cfg.initial_load_model_only, source_step=None)
+            return 0 if self.cfg.initial_load_model_only else self._loaded_step()
+        logger.info("no checkpoint in %s: fresh start", self.folder.root)
+        return None
+
+    def _loaded_step(self) -> int:
+        train_state = self.states.get(TRAIN_STATE)
+        return int(getattr(train_state, "step", 0))
+
+    def _load_from(self, path: Path, model_only: bool, source_step: int | None) -> None:
+        saved = FileSystemReader(str(path)).read_metadata()
+        saved_keys = saved.state_dict_metadata
+        model_sd = self.model_state.state_dict()
+        self._check_model_fits(path, model_sd, saved_keys)
+        state: dict[str, Any] = dict(model_sd)
+        if not model_only:
+            for name, component in self.states.items():
+                if name in self.cfg.exclude_from_loading:
+                    continue
+                if not any(k.startswith(name + ".") for k in saved_keys):
+                    raise self._missing_component_error(path, name, source_step)
+                if name == TRAIN_STATE and not any(k.startswith("train_state.rng_state.") for k in saved_keys):
+                    component = _WithoutRNG(component)  # e.g. written by TorchTitan, which keeps no RNG
+                state[name] = component
+        start = time.perf_counter()
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:
+            raise CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
+        self.model_state.load_state_dict(model_sd)
+        seconds = time.perf_counter() - start
+        nbytes = _bytes_read(saved, state)
+        skipped = [n for n in self.states if n in self.cfg.exclude_from_loading]
+        logger.info("loaded %s (%s%s): %s", path, "model only" if model_only else "full",
+                    f", excluded {','.join(skipped)}" if skipped and not model_only else "", _rate(nbytes, seconds))
+
+    def _check_model_fits(self, path: Path, model_sd: dict[str, torch.Tensor], saved_keys: dict) -> None:
+        for fqn, tensor in model_sd.items():
+            meta = saved_keys.get(fqn)
+            if meta is None:
+                raise CheckpointError(
+                    f"{path} has no tensor {fqn!r}: it was saved from a different model; "
+                    "check --model.name and --model.flavor"
+                )
+            saved_shape = tuple(getattr(meta, "size", ()))
+            if saved_shape != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{path}: tensor {fqn!r} has shape {list(saved_shape)} in the checkpoint but "
+                    f"{list(tensor.shape)} in the model; check --model.flavor"
+                )
+
+    def _missing_component_error(self, path: Path, name: str, source_step: int | None) -> CheckpointError:
+        full_steps = [s for s in self.folder.committed_steps() if s != source_step and
+                      (self.folder.read_manifest(s) or {}).get("kind", "full") == "full"]
+        hint = f"--checkpoint.load_step {full_steps[-1]} (latest full step)" if full_steps else \
+            "--checkpoint.initial_load_path " + str(path) + " with an empty --checkpoint.folder"
+        return CheckpointError(
+            f"{path} holds no '{name}' state: it is a model-only checkpoint (e.g. the final save with "
+            f"--checkpoint.last_save_model_only), which cannot resume training. Use {hint}, or "
+            f"--checkpoint.exclude_from_loading {','.join(EXCLUDABLE)} to load only the weights"
+        )
+
+
+class _WithoutRNG(Stateful):
+    """Loads a train_state that has no RNG entries, leaving the RNG as it is."""
+
+    def __init__(self, inner: Stateful):
+        self.inner = inner
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.inner.state_dict().items() if k != "rng_state"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def _bytes_read(metadata: Any, state: dict[str, Any]) -> int:
+    """Bytes of the checkpoint's data files that the requested top-level keys cover."""
+    roots = set(state)
+    return sum(
+        info.length
+        for index, info in metadata.storage_data.items()
+        if index.fqn in roots or index.fqn.split(".", 1)[0] in roots
+    )
+
+
+__all__ = ["CheckpointManager", "MODEL", "reject_unsupported"]

@@ -1,0 +1,180 @@
+"""The checkpoint folder: step layout, the commit protocol, discovery of committed steps, retention.
+
+A step becomes visible only when complete. Every save writes into a hidden sibling
+``.step-N.partial``; DCP fsyncs its data files and ``.metadata``; we add ``manifest.json``,
+fsync the folder, rename it to ``step-N`` and fsync the parent. A crash before the rename leaves
+only a hidden leftover, which discovery ignores and the next start removes. Re-saving an existing
+step moves the old one aside first (``.step-N.replaced``), so one of the two is always complete.
+Deletion renames to ``.step-N.trash`` before removing, so a half-deleted step is never visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from savepoint.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+LEFTOVER_RE = re.compile(r"^\.step-(\d+)\.(partial|replaced|trash)$")
+DCP_MARKER = ".metadata"
+HF_MARKER = "model.safetensors.index.json"
+MANIFEST = "manifest.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durably(path: Path, payload: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class CheckpointFolder:
+    """One ``<dump_folder>/<checkpoint.folder>``: the steps in it and how they come and go."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def _hidden(self, step: int, state: str) -> Path:
+        return self.root / f".step-{step}.{state}"
+
+    def staging_dir(self, step: int) -> Path:
+        """Where a save of ``step`` is written before it is committed."""
+        return self._hidden(step, "partial")
+
+    def ensure_writable(self) -> None:
+        """Create the folder, or fail with a clear message if it cannot hold checkpoints.
+
+        Raises:
+            CheckpointError: the path is a file or the folder is not writable.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(
+                f"checkpoint folder {self.root} is a file, not a folder; "
+                "point --checkpoint.folder (or --job.dump_folder) elsewhere"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create checkpoint folder {self.root}: {e.strerror}") from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CheckpointError(
+                f"checkpoint folder {self.root} is not writable; fix its permissions or "
+                "use --checkpoint.load_only to only load"
+            )
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        """Steps with a complete ``step-N`` folder (DCP ``.metadata`` or an HF index), ascending."""
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for entry in self.root.iterdir():
+            match = STEP_DIR_RE.match(entry.name)
+            if match and entry.is_dir() and self.is_committed(entry):
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    @staticmethod
+    def is_committed(step_dir: Path) -> bool:
+        return (step_dir / DCP_MARKER).is_file() or (step_dir / HF_MARKER).is_file()
+
+    def latest_step(self) -> int | None:
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
+
+    def read_manifest(self, step: int) -> dict[str, Any] | None:
+        path = self.step_dir(step) / MANIFEST
+        if not path.is_file():
+            return None  # e.g. written by TorchTitan
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    # ---- the commit protocol -----------------------------------------------------------------
+
+    def clean_leftovers(self) -> None:
+        """Remove what interrupted saves and deletions left behind; restore a replaced step if needed."""
+        if not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            match = LEFTOVER_RE.match(entry.name)
+            if not match:
+                continue
+            step, state = int(match.group(1)), match.group(2)
+            target = self.step_dir(step)
+            if state == "replaced" and not target.exists() and self.is_committed(entry):
+                logger.warning("restoring %s: a re-save of step %d was interrupted", target, step)
+                os.rename(entry, target)
+                fsync_dir(self.root)
+                continue
+            logger.warning("removing leftover %s from an interrupted save or deletion", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def begin(self, step: int) -> Path:
+        """Return an empty hidden staging folder for ``step``."""
+        staging = self.staging_dir(step)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit(self, step: int, manifest: dict[str, Any]) -> Path:
+        """Write the manifest and atomically publish ``step-N``; returns its path."""
+        staging = self.staging_dir(step)
+        if not (staging / DCP_MARKER).is_file() and not (staging / HF_MARKER).is_file():
+            raise CheckpointError(f"refusing to commit {staging}: the writer produced no {DCP_MARKER}")
+        write_json_durably(staging / MANIFEST, manifest)
+        fsync_dir(staging)
+        target = self.step_dir(step)
+        replaced = self._hidden(step, "replaced")
+        if target.exists():
+            os.rename(target, replaced)
+        os.rename(staging, target)
+        fsync_dir(self.root)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        return target
+
+    def abort(self, step: int) -> None:
+        shutil.rmtree(self.staging_dir(step), ignore_errors=True)
+
+    # ---- retention ---------------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        trash = self._hidden(step, "trash")
+        os.rename(self.step_dir(step), trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash)
+
+    def retain_latest(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` committed steps (``keep == 0`` keeps all); returns the deleted."""
+        if keep <= 0:
+            return []
+        doomed = self.committed_steps()[:-keep]
+        for step in doomed:
+            self.delete(step)
+            logger.info("retention: deleted step-%d (keep_latest_k=%d)", step, keep)
+        return doomed

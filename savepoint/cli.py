@@ -1,0 +1,81 @@
+"""The ``savepoint`` command. The only place that configures logging or exits the process.
+
+    savepoint train [--section.key value ...]   train (run_train.sh launches this under torchrun)
+    savepoint check [--section.key value ...]   validate a config without importing torch
+    savepoint inspect FOLDER|STEP_DIR           list committed steps and what they hold
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from savepoint.errors import SavepointError
+
+USAGE = __doc__
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root = logging.getLogger("savepoint")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if os.environ.get("SAVEPOINT_DEBUG") else logging.INFO)
+
+
+def _parse_config(argv: list[str]):
+    from savepoint.config import help_text, parse_args, wants_help
+
+    if wants_help(argv):
+        print(help_text())
+        sys.exit(0)
+    return parse_args(argv)
+
+
+def cmd_train(argv: list[str]) -> None:
+    cfg = _parse_config(argv)
+    from savepoint.train import run
+
+    run(cfg)
+
+
+def cmd_check(argv: list[str]) -> None:
+    _parse_config(argv)
+
+
+def cmd_inspect(argv: list[str]) -> None:
+    from savepoint.inspect import describe
+
+    if len(argv) != 1:
+        raise SavepointError("usage: savepoint inspect FOLDER|STEP_DIR")
+    print(describe(argv[0]))
+
+
+COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SAVEPOINT_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE.strip(), file=sys.stderr if argv else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    setup_logging()
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except SavepointError as e:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank{rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

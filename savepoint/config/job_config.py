@@ -1,0 +1,186 @@
+"""The job configuration: one dataclass per TOML table, named as in TorchTitan v0.2.x.
+
+The string under each field is its documentation; ``--help`` prints it.
+Defaults follow TorchTitan where TorchTitan has the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    config_file: str | None = None
+    """TOML file to read before applying command-line overrides (also settable with CONFIG_FILE)."""
+
+    dump_folder: str = "./outputs"
+    """Folder for everything the job writes: checkpoints, metrics, logs."""
+
+    description: str = "savepoint training job"
+    """Free-text description of the job, logged at start."""
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family. Only 'llama3' exists."""
+
+    flavor: str = "debugmodel"
+    """Model size: debugmodel, 8B, 70B or 405B."""
+
+    hf_assets_path: str | None = None
+    """Folder with Hugging Face assets (config.json, tokenizer files, safetensors index)."""
+
+
+@dataclass
+class Training:
+    dataset: str = "pydocs"
+    """Dataset name. 'pydocs' is the offline corpus shipped in savepoint/data/assets."""
+
+    local_batch_size: int = 8
+    """Samples per data-parallel rank per step."""
+
+    seq_len: int = 2048
+    """Tokens per sample."""
+
+    max_norm: float = 1.0
+    """Gradient clipping: maximum total L2 norm of the gradients. 0 disables clipping."""
+
+    steps: int = 10000
+    """Number of training steps; the job ends after this step."""
+
+    seed: int = 0
+    """Seed for weight init and data order. Same seed, same run."""
+
+    deterministic: bool = False
+    """Use deterministic torch algorithms (slower on GPU; CPU is deterministic already)."""
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"
+    """Optimizer. Only 'AdamW' exists."""
+
+    lr: float = 8e-4
+    """Peak learning rate."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+
+    implementation: str = "foreach"
+    """AdamW kernel: 'for-loop', 'foreach' or 'fused'."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 200
+    """Steps of linear warmup from near zero to the peak learning rate."""
+
+    decay_ratio: float | None = None
+    """Share of the steps spent decaying at the end; unset means decay through all steps after warmup."""
+
+    decay_type: str = "linear"
+    """Decay shape: 'linear', 'sqrt' or 'cosine'."""
+
+    min_lr_factor: float = 0.0
+    """Floor of the decay, as a fraction of the peak learning rate."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save and load checkpoints."""
+
+    folder: str = "checkpoint"
+    """Checkpoint folder, joined to --job.dump_folder (an absolute path replaces it)."""
+
+    interval: int = 500
+    """Save every this many steps (and always at the last step)."""
+
+    initial_load_path: str | None = None
+    """Checkpoint (a step folder) to start from when --checkpoint.folder holds no committed step."""
+
+    initial_load_model_only: bool = True
+    """Load only model weights from --checkpoint.initial_load_path."""
+
+    initial_load_in_hf: bool = False
+    """The initial load is a Hugging Face safetensors folder (needs --checkpoint.initial_load_model_only)."""
+
+    last_save_model_only: bool = True
+    """The final save holds only the model weights, cast to --checkpoint.export_dtype."""
+
+    last_save_in_hf: bool = False
+    """Write the final save as a Hugging Face safetensors folder (needs --checkpoint.last_save_model_only)."""
+
+    export_dtype: str = "float32"
+    """Dtype of floating tensors in the final model-only save: float32, bfloat16 or float16."""
+
+    async_mode: str = "disabled"
+    """How saves run: 'disabled' (synchronous), 'async' or 'async_with_pinned_mem'."""
+
+    keep_latest_k: int = 10
+    """Keep the newest k committed steps and delete older ones. 0 keeps all."""
+
+    load_step: int = -1
+    """Step to load; -1 loads the latest committed step."""
+
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """State not restored on load: any of optimizer, lr_scheduler, dataloader, train_state."""
+
+    enable_first_step_checkpoint: bool = False
+    """Also save right after step 1, to check early that saving works."""
+
+    create_seed_checkpoint: bool = False
+    """Write a model-only step-0 from a single-process CPU init, then exit."""
+
+    load_only: bool = False
+    """Load checkpoints but never save."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """Replicated data-parallel degree (HSDP outer dimension)."""
+
+    data_parallel_shard_degree: int = -1
+    """Sharded data-parallel degree (FSDP); -1 fills what the other degrees leave."""
+
+    tensor_parallel_degree: int = 1
+    """Tensor-parallel degree."""
+
+    pipeline_parallel_degree: int = 1
+    """Pipeline-parallel degree."""
+
+    context_parallel_degree: int = 1
+    """Context-parallel degree."""
+
+    expert_parallel_degree: int = 1
+    """Expert-parallel degree."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log the loss every this many steps (and at the last step)."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    metrics: Metrics = field(default_factory=Metrics)

@@ -1,0 +1,177 @@
+"""Semantic checks on a typed ``JobConfig``: ranges, choices and options that need each other.
+
+``validate`` also normalises a few values in place (``async_mode`` case, the ``data_loader``
+spelling in ``exclude_from_loading``) so that later code sees one spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+from savepoint.config.job_config import (
+    Checkpoint,
+    JobConfig,
+    LRScheduler,
+    Metrics,
+    Model,
+    Optimizer,
+    Parallelism,
+    Training,
+)
+
+MODEL_FLAVORS = ("debugmodel", "8B", "70B", "405B")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+# TorchTitan's docs spell the dataloader state "data_loader"; accept that spelling.
+STATE_ALIASES = {"data_loader": "dataloader"}
+OPTIMIZER_IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
+DECAY_TYPES = ("linear", "sqrt", "cosine")
+
+
+def _need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
+    """One problem if not ok: the flag, its bad value, and what to set instead."""
+    if ok:
+        return []
+    section, _, key = flag[2:].partition(".")
+    return [
+        f"{flag} must be {requirement}, got {value!r}: change {flag} on the command line "
+        f"or {key} under [{section}] in the TOML file"
+    ]
+
+
+def _one_of(flag: str, value: str, choices: Sequence[str]) -> list[str]:
+    """One problem if value is not a choice, with the closest choice suggested."""
+    if value in choices:
+        return []
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
+    hint = f"; did you mean {flag}={lowered[match[0]]}?" if match else ""
+    return [f"{flag}={value!r} is not one of {', '.join(choices)}{hint}"]
+
+
+def _exclude_problems(ckpt: Checkpoint) -> list[str]:
+    """Check exclude_from_loading, mapping aliases and dropping duplicates in place."""
+    flag = "--checkpoint.exclude_from_loading"
+    problems: list[str] = []
+    names: list[str] = []
+    for raw in ckpt.exclude_from_loading:
+        name = STATE_ALIASES.get(raw.strip(), raw.strip())
+        if name not in names:
+            names.append(name)
+        if name == "model":
+            problems.append(
+                f"{flag} contains 'model': model weights are always loaded; remove it "
+                "(to start from other weights, use --checkpoint.initial_load_path)"
+            )
+        elif name not in LOADABLE_STATES:
+            known = list(LOADABLE_STATES) + list(STATE_ALIASES)
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {STATE_ALIASES.get(match[0], match[0])}?" if match else ""
+            problems.append(
+                f"{flag} contains unknown state {raw!r}: choose from "
+                f"{', '.join(LOADABLE_STATES)}{hint}"
+            )
+    ckpt.exclude_from_loading = names
+    return problems
+
+
+def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
+    ckpt.async_mode = str(ckpt.async_mode).strip().lower()
+    p = "--checkpoint."
+    problems = _need(f"{p}interval", ckpt.interval, ckpt.interval >= 1, ">= 1 (save every N steps)")
+    problems += _need(
+        f"{p}keep_latest_k", ckpt.keep_latest_k, ckpt.keep_latest_k >= 0, ">= 0 (0 keeps all)"
+    )
+    problems += _need(
+        f"{p}load_step", ckpt.load_step, ckpt.load_step >= -1, ">= -1 (-1 loads the latest step)"
+    )
+    problems += _need(f"{p}folder", ckpt.folder, bool(ckpt.folder.strip()), "a non-blank path")
+    problems += _one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
+    problems += _one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
+    problems += _exclude_problems(ckpt)
+    if ckpt.last_save_in_hf and not ckpt.last_save_model_only:
+        problems.append(
+            f"{p}last_save_in_hf needs {p}last_save_model_only (a Hugging Face export holds only "
+            f"model weights): drop {p}no_last_save_model_only or set last_save_model_only = true"
+        )
+    if ckpt.initial_load_in_hf and not ckpt.initial_load_model_only:
+        problems.append(
+            f"{p}initial_load_in_hf needs {p}initial_load_model_only (a Hugging Face folder holds "
+            f"only model weights): drop {p}no_initial_load_model_only or set "
+            "initial_load_model_only = true"
+        )
+    return problems
+
+
+def _model_problems(model: Model) -> list[str]:
+    problems = _one_of("--model.name", model.name, ("llama3",))
+    problems += _one_of("--model.flavor", model.flavor, MODEL_FLAVORS)
+    return problems
+
+
+def _training_problems(t: Training) -> list[str]:
+    p = "--training."
+    problems = _need(f"{p}steps", t.steps, t.steps >= 1, ">= 1")
+    problems += _need(f"{p}local_batch_size", t.local_batch_size, t.local_batch_size >= 1, ">= 1")
+    problems += _need(f"{p}seq_len", t.seq_len, t.seq_len >= 1, ">= 1")
+    problems += _need(f"{p}max_norm", t.max_norm, t.max_norm >= 0, ">= 0 (0 disables clipping)")
+    return problems
+
+
+def _optimizer_problems(opt: Optimizer) -> list[str]:
+    problems = _one_of("--optimizer.name", opt.name, ("AdamW",))
+    problems += _need("--optimizer.lr", opt.lr, opt.lr > 0, "> 0")
+    problems += _one_of(
+        "--optimizer.implementation", opt.implementation, OPTIMIZER_IMPLEMENTATIONS
+    )
+    return problems
+
+
+def _lr_scheduler_problems(s: LRScheduler) -> list[str]:
+    p = "--lr_scheduler."
+    problems = _need(f"{p}warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0")
+    problems += _one_of(f"{p}decay_type", s.decay_type, DECAY_TYPES)
+    ratio_ok = s.decay_ratio is None or 0 <= s.decay_ratio <= 1
+    problems += _need(f"{p}decay_ratio", s.decay_ratio, ratio_ok, "none or between 0 and 1")
+    problems += _need(
+        f"{p}min_lr_factor", s.min_lr_factor, 0 <= s.min_lr_factor <= 1, "between 0 and 1"
+    )
+    return problems
+
+
+def _parallelism_problems(par: Parallelism) -> list[str]:
+    problems: list[str] = []
+    for f in dataclasses.fields(par):
+        degree = getattr(par, f.name)
+        if f.name == "data_parallel_shard_degree":
+            ok, requirement = degree == -1 or degree >= 1, "-1 (fill the rest) or >= 1"
+        else:
+            ok, requirement = degree >= 1, ">= 1"
+        problems += _need(f"--parallelism.{f.name}", degree, ok, requirement)
+    return problems
+
+
+def _metrics_problems(m: Metrics) -> list[str]:
+    return _need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
+
+
+def validate(cfg: JobConfig) -> list[str]:
+    """Return every semantic problem in ``cfg``; normalise values in place.
+
+    Values are assumed well typed (``parse_args`` guarantees it). Normalises
+    ``checkpoint.async_mode`` to lower case and ``checkpoint.exclude_from_loading``
+    to canonical, de-duplicated state names.
+    """
+    return (
+        _checkpoint_problems(cfg.checkpoint)
+        + _model_problems(cfg.model)
+        + _training_problems(cfg.training)
+        + _optimizer_problems(cfg.optimizer)
+        + _lr_scheduler_problems(cfg.lr_scheduler)
+        + _parallelism_problems(cfg.parallelism)
+        + _metrics_problems(cfg.metrics)
+    )

@@ -1,0 +1,50 @@
+"""``savepoint inspect``: what a checkpoint folder or one step holds, without loading tensors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemReader
+
+from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder, folder_bytes
+from savepoint.errors import CheckpointError
+
+
+def describe(path: str) -> str:
+    """A human-readable summary of a checkpoint folder (its steps) or of a single step folder.
+
+    Raises:
+        CheckpointError: the path is neither.
+    """
+    target = Path(path)
+    if CheckpointFolder.is_committed(target):
+        return describe_step(target)
+    if not target.is_dir():
+        raise CheckpointError(f"{target} is not a folder; give a checkpoint folder or a step-N folder")
+    folder = CheckpointFolder(target)
+    steps = folder.committed_steps()
+    if not steps:
+        return f"{target}: no committed steps"
+    lines = [f"{target}: {len(steps)} committed step(s)"]
+    for step in steps:
+        manifest = folder.read_manifest(step) or {}
+        size = folder_bytes(folder.step_dir(step))
+        lines.append(f"  step-{step:<8} {manifest.get('kind', 'unknown'):<10} {size / 1e6:10.2f} MB")
+    leftovers = [p.name for p in target.iterdir() if p.name.startswith(".step-")]
+    if leftovers:
+        lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
+    return "\n".join(lines)
+
+
+def describe_step(step_dir: Path) -> str:
+    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    groups: Counter[str] = Counter()
+    for key in metadata.state_dict_metadata:
+        head = key.split(".", 1)[0]
+        groups[head if head in ("optimizer", "lr_scheduler", "dataloader", "train_state") else "model"] += 1
+    match = STEP_DIR_RE.match(step_dir.name)
+    title = f"step {match.group(1)}" if match else step_dir.name
+    lines = [f"{step_dir}: {title}, {folder_bytes(step_dir) / 1e6:.2f} MB"]
+    lines += [f"  {name:<13} {count} keys" for name, count in sorted(groups.items())]
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The optimizer (AdamW) and the warmup + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from savepoint.config.job_config import LRScheduler as LRSchedulerConfig
+from savepoint.config.job_config import Optimizer as OptimizerConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    impl = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **impl[cfg.implementation],
+    )
+
+
+def lr_factor_fn(cfg: LRSchedulerConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after ``n`` scheduler steps: linear warmup, stable, then decay.
+
+    A plain function (not a callable object) so LambdaLR keeps it out of the checkpoint: the
+    schedule always comes from the config, only the counters are saved.
+    """
+    warmup = cfg.warmup_steps
+    decay_steps = round(total_steps * cfg.decay_ratio) if cfg.decay_ratio is not None else total_steps - warmup
+    decay_steps = max(decay_steps, 1)
+    decay_start = max(total_steps - decay_steps, warmup)
+
+    def factor(n: int) -> float:
+        if n < warmup:
+            return (n + 1) / (warmup + 1)
+        if n < decay_start:
+            return 1.0
+        progress = min((n - decay_start) / decay_steps, 1.0)
+        if cfg.decay_type == "linear":
+            curve = 1.0 - progress
+        elif cfg.decay_type == "sqrt":
+            curve = 1.0 - math.sqrt(progress)
+        else:
+            curve = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * curve
+
+    return factor
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRSchedulerConfig,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, total_steps))
