@@ -123,7 +123,12 @@ class Trainer:
         self.train_state.ntokens_seen += inputs.numel()
         return {"loss": loss.item(), "lr": float(lr), "grad_norm": grad_norm.item()}
 
-    def train(self) -> None:
+    def train(self, stop_after: int | None = None) -> None:
+        """Resume if there is a checkpoint, then train to ``training.steps``.
+
+        ``stop_after`` ends the run early at that step, as a crash or preemption would, while the
+        schedule still spans ``training.steps`` (used by resume tests and tools).
+        """
         loaded = self.checkpointer.load(step=self.cfg.checkpoint.load_step)
         steps = self.cfg.training.steps
         if loaded is not None and self.train_state.step >= steps:
@@ -131,7 +136,8 @@ class Trainer:
                         self.train_state.step, steps)
         logger.info("training %s (%s) from step %d to %d on %s", self.cfg.model.name, self.cfg.model.flavor,
                     self.train_state.step, steps, self.device)
-        while self.train_state.step < steps:
+        last = steps if stop_after is None else min(steps, stop_after)
+        while self.train_state.step < last:
             self.train_state.step += 1
             step = self.train_state.step
             start = time.perf_counter()
@@ -140,7 +146,7 @@ class Trainer:
             record["tokens_per_second"] = self.dataloader.local_batch_size * self.cfg.training.seq_len / elapsed
             self.metrics.maybe_log(step, step == steps, record)
             self.checkpointer.save(step, last_step=(step == steps))
-        logger.info("training done at step %d", self.train_state.step)
+        logger.info("stopped at step %d", self.train_state.step)
 
 
 def run(cfg: JobConfig) -> None:

@@ -98,6 +98,11 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
             f"{p}last_save_in_hf needs {p}last_save_model_only (a Hugging Face export holds only "
             f"model weights): drop {p}no_last_save_model_only or set last_save_model_only = true"
         )
+    if ckpt.load_step >= 0 and not ckpt.enable:
+        problems.append(
+            f"{p}load_step={ckpt.load_step} asks for a load but checkpointing is off: "
+            f"add {p}enable (or enable = true under [checkpoint])"
+        )
     if ckpt.initial_load_in_hf and not ckpt.initial_load_model_only:
         problems.append(
             f"{p}initial_load_in_hf needs {p}initial_load_model_only (a Hugging Face folder holds "

@@ -1,0 +1,45 @@
+"""Shared helpers: small, fast job configs and in-process trainers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from savepoint.config import parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A job small enough that a step takes a few milliseconds, with a real LR schedule.
+FAST_ARGS = [
+    "--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps", "20",
+    "--lr_scheduler.warmup_steps", "3", "--lr_scheduler.decay_ratio", "0.5",
+    "--checkpoint.enable", "--checkpoint.interval", "5", "--checkpoint.no_last_save_model_only",
+    "--metrics.log_freq", "1",
+]
+
+
+def make_config(dump_folder: Path, *overrides: str):
+    argv = ["--job.config_file", str(ROOT / "configs" / "debug_model.toml"), "--job.dump_folder",
+            str(dump_folder), *FAST_ARGS, *overrides]
+    return parse_args(argv, environ={})
+
+
+def losses(dump_folder: Path) -> dict[int, float]:
+    """step -> loss from the job's metrics.jsonl (later runs overwrite earlier entries)."""
+    lines = (Path(dump_folder) / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+@pytest.fixture
+def train(tmp_path):
+    """``train(*overrides, dump=..., stop_after=...)`` runs an in-process Trainer and returns it."""
+    from savepoint.train import Trainer
+
+    def run(*overrides: str, dump: Path | None = None, stop_after: int | None = None):
+        trainer = Trainer(make_config(dump or tmp_path / "run", *overrides))
+        trainer.train(stop_after=stop_after)
+        return trainer
+
+    return run
