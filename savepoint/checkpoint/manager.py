@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
@@ -35,6 +36,14 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def root_cause(error: BaseException) -> str:
+    """One line for an error; for DCP's CheckpointException, the first failing rank's own error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (inner, _trace) = next(iter(error.failures.items()))
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -126,11 +135,11 @@ class CheckpointManager:
             _barrier()
             if _is_rank0():
                 self.folder.commit(step, self._manifest(step, kind, staging))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             if _is_rank0():
                 self.folder.abort(step)
             raise CheckpointError(
-                f"saving step {step} to {self.folder.step_dir(step)} failed ({type(e).__name__}: {e}); "
+                f"saving step {step} to {self.folder.step_dir(step)} failed ({root_cause(e)}); "
                 f"nothing was committed and earlier steps are intact"
             ) from e
         _barrier()
@@ -214,8 +223,8 @@ class CheckpointManager:
         start = time.perf_counter()
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:
-            raise CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"loading {path} failed: {root_cause(e)}") from e
         self.model_state.load_state_dict(model_sd)
         seconds = time.perf_counter() - start
         nbytes = _bytes_read(saved, state)

@@ -1,0 +1,123 @@
+"""The commit protocol: a step is visible only when complete, failures leave older steps intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch.distributed.checkpoint import FileSystemWriter
+
+from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.errors import CheckpointError
+
+
+def test_failed_write_leaves_no_step_and_older_steps_intact(train, tmp_path, monkeypatch):
+    train(stop_after=5)
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+    before = {p.name: p.read_bytes() for p in folder.step_dir(5).iterdir()}
+
+    def broken_write(self, plan, planner):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", broken_write)
+    with pytest.raises(CheckpointError) as err:
+        train(stop_after=10)
+    assert "saving step 10" in str(err.value) and "earlier steps are intact" in str(err.value)
+    assert sorted(p.name for p in folder.root.iterdir()) == ["step-5"]  # no step-10, no leftover
+    assert {p.name: p.read_bytes() for p in folder.step_dir(5).iterdir()} == before
+
+    monkeypatch.undo()
+    resumed = train(stop_after=5)
+    assert resumed.train_state.step == 5
+
+
+def test_crash_before_rename_is_invisible_and_cleaned(train, tmp_path, monkeypatch):
+    train(stop_after=5)
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+
+    class Crash(BaseException):
+        """Stands in for SIGKILL: no except clause runs."""
+
+    def crash(self, step, manifest):
+        raise Crash()
+
+    monkeypatch.setattr(CheckpointFolder, "commit", crash)
+    with pytest.raises(Crash):
+        train(stop_after=10)
+    monkeypatch.undo()
+    assert (folder.root / ".step-10.partial/.metadata").is_file()  # written, but never published
+    assert folder.committed_steps() == [5]
+    resumed = train(stop_after=5)  # the next start cleans up, then resumes from step 5
+    assert resumed.train_state.step == 5
+    assert sorted(p.name for p in folder.root.iterdir()) == ["step-5"]
+
+
+def test_step_without_marker_is_ignored(train, tmp_path):
+    train(stop_after=5)
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+    (folder.root / "step-9").mkdir()  # e.g. a TorchTitan save that died before .metadata
+    (folder.root / "step-9" / "__0_0.distcp").write_bytes(b"partial")
+    (folder.root / "step-notanumber").mkdir()
+    assert folder.committed_steps() == [5]
+    assert train(stop_after=5).train_state.step == 5
+
+
+def test_interrupted_resave_restores_the_old_step(tmp_path):
+    folder = CheckpointFolder(tmp_path)
+    replaced = tmp_path / ".step-10.replaced"
+    replaced.mkdir()
+    (replaced / ".metadata").write_bytes(b"old")
+    folder.clean_leftovers()
+    assert folder.committed_steps() == [10]
+    assert (folder.step_dir(10) / ".metadata").read_bytes() == b"old"
+
+
+def test_resave_of_an_existing_step_replaces_it_whole(train, tmp_path):
+    train(stop_after=10)
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+    first = folder.read_manifest(10)
+    again = train("--checkpoint.load_step", "5", stop_after=10)
+    assert again.train_state.step == 10
+    second = folder.read_manifest(10)
+    assert second["created_unix"] > first["created_unix"]
+    assert sorted(p.name for p in folder.root.iterdir()) == ["step-10", "step-5"]
+    # Same seed and same data from step 5: the re-save holds bit-identical tensors.
+    a, b = (folder.step_dir(10) / "__0_0.distcp").read_bytes(), first and (folder.step_dir(10) / "__0_0.distcp")
+    assert a == b.read_bytes()
+
+
+def test_manifest_records_files_and_resolved_config(train, tmp_path):
+    train("--training.seed", "7", stop_after=5)
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+    manifest = folder.read_manifest(5)
+    assert manifest["step"] == 5 and manifest["kind"] == "full"
+    assert manifest["job_config"]["training"]["seed"] == 7
+    for name, size in manifest["files"].items():
+        assert (folder.step_dir(5) / name).stat().st_size == size
+    assert json.loads((folder.step_dir(5) / "manifest.json").read_text()) == manifest
+
+
+def test_folder_that_is_a_file(train, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        train(stop_after=1)
+
+
+def test_retention_never_leaves_a_half_deleted_step_visible(tmp_path, monkeypatch):
+    folder = CheckpointFolder(tmp_path)
+    for step in (1, 2, 3):
+        folder.step_dir(step).mkdir()
+        (folder.step_dir(step) / ".metadata").write_bytes(b"m")
+    import shutil
+
+    def dies_midway(path, *a, **k):
+        raise RuntimeError("killed while deleting")
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(RuntimeError):
+        folder.retain_latest(2)
+    assert folder.committed_steps() == [2, 3]  # step-1 was renamed away before deletion began
+    monkeypatch.undo()
+    folder.clean_leftovers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
