@@ -15,6 +15,6 @@ source scripts/bootstrap.sh
 "$PY" -m savepoint check "$@"
 for arg in "$@"; do [[ "$arg" == "--help" || "$arg" == "-h" ]] && exit 0; done
 
-exec "$PY" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+exec "$PY" -m savepoint.launch --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m savepoint train "$@"
