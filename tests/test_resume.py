@@ -181,8 +181,9 @@ def test_unsupported_options_fail_loudly(tmp_path):
 def test_wrong_flavor_names_the_tensor(train, tmp_path):
     train(stop_after=5)
     cfg_dir = tmp_path / "run"
-    from savepoint.models.llama3 import args as llama_args
     from dataclasses import replace
+
+    from savepoint.models.llama3 import args as llama_args
 
     original = llama_args.LLAMA3_FLAVORS["debugmodel"]
     llama_args.LLAMA3_FLAVORS["debugmodel"] = replace(original, dim=128)

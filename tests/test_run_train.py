@@ -15,7 +15,9 @@ from tests.conftest import ROOT, losses
 
 # [checkpoint] blocks exactly as the seed (docs/checkpoint.md) writes them.
 BASIC = 'enable = true\nfolder = "checkpoint"\ninterval = 500\n'
-MODEL_ONLY = 'enable = true\nlast_save_model_only = true\nexport_dtype = "bfloat16"  # Optional: export in lower precision\n'
+MODEL_ONLY = (
+    'enable = true\nlast_save_model_only = true\nexport_dtype = "bfloat16"  # Optional: export in lower precision\n'
+)
 EXCLUDING = 'enable = true\nexclude_from_loading = ["data_loader", "lr_scheduler"]\n'
 RESUME = "load_step = 500  # Resume from step 500\n"
 TINY = ["--training.seq_len", "16", "--training.local_batch_size", "1"]
@@ -98,6 +100,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
 
 def test_help_lists_every_option(tmp_path):
     proc = ok(run_train(None, "--help", dump=tmp_path))
-    for flag in ("--checkpoint.keep_latest_k", "--checkpoint.exclude_from_loading", "--parallelism.tensor_parallel_degree"):
+    flags = ("--checkpoint.keep_latest_k", "--checkpoint.exclude_from_loading", "--parallelism.tensor_parallel_degree")
+    for flag in flags:
         assert flag in proc.stdout
     assert "Keep the newest k committed steps" in proc.stdout

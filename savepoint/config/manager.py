@@ -103,7 +103,7 @@ def field_docs() -> dict[tuple[str, str], str]:
     for node in ast.parse(inspect.getsource(job_config)).body:
         if not isinstance(node, ast.ClassDef):
             continue
-        for stmt, nxt in zip(node.body, node.body[1:]):
+        for stmt, nxt in zip(node.body, node.body[1:], strict=False):
             if (
                 isinstance(stmt, ast.AnnAssign)
                 and isinstance(stmt.target, ast.Name)

@@ -43,7 +43,7 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def with_max_seq_len(self, seq_len: int) -> "ModelArgs":
+    def with_max_seq_len(self, seq_len: int) -> ModelArgs:
         return replace(self, max_seq_len=seq_len)
 
 
