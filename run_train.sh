@@ -4,13 +4,14 @@
 #   CONFIG_FILE TOML config (default configs/debug_model.toml)
 #   LOG_RANK    ranks whose output is shown, comma-separated (default 0)
 # Extra arguments are config overrides, e.g. --checkpoint.enable --training.steps 20
+# Relative paths (CONFIG_FILE, --job.dump_folder, ...) resolve against the current directory.
 set -euo pipefail
-cd "$(dirname "$0")"
+root="$(cd "$(dirname "$0")" && pwd)"
 NGPU=${NGPU:-1}
 LOG_RANK=${LOG_RANK:-0}
-export CONFIG_FILE=${CONFIG_FILE:-configs/debug_model.toml}
+export CONFIG_FILE=${CONFIG_FILE:-$root/configs/debug_model.toml}
 
-source scripts/bootstrap.sh
+source "$root/scripts/bootstrap.sh"
 # Validate the config before starting any process, so a typo costs a second and prints one line.
 "$PY" -m savepoint check "$@"
 for arg in "$@"; do [[ "$arg" == "--help" || "$arg" == "-h" ]] && exit 0; done

@@ -13,7 +13,7 @@ venv="$root/.venv"
 stamp="$venv/.savepoint-installed${extra:+-$extra}"
 if [[ ! -f "$stamp" || "$root/pyproject.toml" -nt "$stamp" ]]; then
     echo "setting up $venv (one time) ..." >&2
-    [[ -x "$venv/bin/python" ]] || python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+    [[ -x "$venv/bin/pip" ]] || python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
     spec="$root${extra:+[$extra]}"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
         | grep -v "is ignored" >&2 || true

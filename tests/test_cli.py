@@ -41,10 +41,12 @@ def test_bad_toml(tmp_path):
     proc = savepoint("check", config=str(broken))
     assert proc.returncode == 1 and str(broken) in proc.stderr
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text("[checkpoint]\ninterval = 'ten'\nkeep_latest_k = -1\nexport_dtype = 'fp8'\n")
+    wrong.write_text("[checkpoint]\ninterval = 'ten'\nkeep_latest_k = -1\nexport_dtype = 'fp8'\n"
+                     "async_mode = 'sometimes'\nexclude_from_loading = ['optimiser']\n[training]\nsteps = 0\n")
     proc = savepoint("check", config=str(wrong))
     assert proc.returncode == 1
-    for key in ("checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.export_dtype"):
+    for key in ("checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.export_dtype",
+                "checkpoint.async_mode", "checkpoint.exclude_from_loading", "training.steps"):
         assert key in proc.stderr  # all problems, one report
 
 
@@ -62,3 +64,14 @@ def test_inspect(train, tmp_path):
     assert "optimizer" in proc.stdout and "train_state" in proc.stdout
     proc = savepoint("inspect", str(tmp_path / "nowhere"))
     assert proc.returncode == 1 and "error:" in proc.stderr
+
+
+def test_toml_interval_zero():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        zero = Path(tmp) / "zero.toml"
+        zero.write_text("[checkpoint]\ninterval = 0\n")
+        proc = savepoint("check", config=str(zero))
+    assert proc.returncode == 1 and "--checkpoint.interval" in proc.stderr

@@ -76,14 +76,14 @@ def test_resave_of_an_existing_step_replaces_it_whole(train, tmp_path):
     train(stop_after=10)
     folder = CheckpointFolder(tmp_path / "run/checkpoint")
     first = folder.read_manifest(10)
+    first_bytes = (folder.step_dir(10) / "__0_0.distcp").read_bytes()
     again = train("--checkpoint.load_step", "5", stop_after=10)
     assert again.train_state.step == 10
     second = folder.read_manifest(10)
     assert second["created_unix"] > first["created_unix"]
     assert sorted(p.name for p in folder.root.iterdir()) == ["step-10", "step-5"]
     # Same seed and same data from step 5: the re-save holds bit-identical tensors.
-    a, b = (folder.step_dir(10) / "__0_0.distcp").read_bytes(), first and (folder.step_dir(10) / "__0_0.distcp")
-    assert a == b.read_bytes()
+    assert (folder.step_dir(10) / "__0_0.distcp").read_bytes() == first_bytes
 
 
 def test_manifest_records_files_and_resolved_config(train, tmp_path):
@@ -116,8 +116,37 @@ def test_retention_never_leaves_a_half_deleted_step_visible(tmp_path, monkeypatc
 
     monkeypatch.setattr(shutil, "rmtree", dies_midway)
     with pytest.raises(RuntimeError):
-        folder.retain_latest(2)
+        folder.retain_latest(2, just_saved=3)
     assert folder.committed_steps() == [2, 3]  # step-1 was renamed away before deletion began
     monkeypatch.undo()
     folder.clean_leftovers()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
+
+
+def test_failed_rename_puts_the_old_step_back(tmp_path, monkeypatch):
+    import os
+
+    folder = CheckpointFolder(tmp_path)
+    folder.step_dir(10).mkdir()
+    (folder.step_dir(10) / ".metadata").write_bytes(b"old")
+    staging = folder.begin(10)
+    (staging / ".metadata").write_bytes(b"new")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError(5, "I/O error (simulated)")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        folder.commit(10, {"step": 10})
+    assert (folder.step_dir(10) / ".metadata").read_bytes() == b"old"
+
+
+def test_retention_keeps_the_step_just_saved_after_resuming_an_older_one(train, tmp_path):
+    train(stop_after=10)  # steps 5 and 10
+    train("--checkpoint.load_step", "5", "--checkpoint.interval", "3", "--checkpoint.keep_latest_k", "1",
+          stop_after=6)
+    # Step 6 was just written; the older step 5 went; step 10 from the earlier run is left alone.
+    assert CheckpointFolder(tmp_path / "run/checkpoint").committed_steps() == [6, 10]

@@ -192,3 +192,19 @@ def test_wrong_flavor_names_the_tensor(train, tmp_path):
             train(dump=cfg_dir)
     finally:
         llama_args.LLAMA3_FLAVORS["debugmodel"] = original
+
+
+def test_only_saved_rng_states_are_requested():
+    from savepoint.checkpoint.manager import _SavedRNGOnly
+    from savepoint.checkpoint.states import TrainState
+
+    class GpuTrainState(TrainState):
+        def state_dict(self):
+            state = super().state_dict()
+            state["rng_state"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+            return state
+
+    cpu_only = _SavedRNGOnly(GpuTrainState(), {"train_state.step": 0, "train_state.rng_state.cpu": 0})
+    assert set(cpu_only.state_dict()["rng_state"]) == {"cpu"}
+    titan = _SavedRNGOnly(GpuTrainState(), {"train_state.step": 0})
+    assert "rng_state" not in titan.state_dict()

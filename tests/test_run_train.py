@@ -53,15 +53,17 @@ def step_layout(step_dir: Path) -> list[str]:
 def test_basic_then_resume_from_step_500(tmp_path):
     dump = tmp_path / "out"
     basic = config_with(tmp_path, "basic", BASIC)
-    ok(run_train(basic, *TINY, "--training.steps", "500", "--checkpoint.no_last_save_model_only", dump=dump))
-    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-500"]
-    assert step_layout(dump / "checkpoint/step-500") == [".metadata", "__0_0.distcp", "manifest.json"]
+    # 501 steps: step-500 is an interval save (full), step-501 the final save (model-only by default).
+    ok(run_train(basic, *TINY, "--training.steps", "501", dump=dump))
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-500", "step-501"]
+    for step in (500, 501):
+        assert step_layout(dump / f"checkpoint/step-{step}") == [".metadata", "__0_0.distcp", "manifest.json"]
 
     resume = config_with(tmp_path, "resume", BASIC + RESUME)
-    proc = ok(run_train(resume, *TINY, "--training.steps", "503", dump=dump))
+    proc = ok(run_train(resume, *TINY, "--training.steps", "501", dump=dump))
     assert re.search(r"loaded \S+/step-500 \(full\)", proc.stdout)
-    assert "from step 500 to 503" in proc.stdout
-    assert sorted(losses(dump)) == list(range(1, 504))
+    assert "from step 500 to 501" in proc.stdout
+    assert sorted(losses(dump)) == list(range(1, 502))
 
 
 def test_save_model_only_bf16(tmp_path):

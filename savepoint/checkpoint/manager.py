@@ -113,7 +113,7 @@ class CheckpointManager:
             state = {**self.model_state.state_dict(), **self.states}
         self._write(step, state, kind="model_only" if model_only else "full")
         if _is_rank0():
-            self.folder.retain_latest(self.cfg.keep_latest_k)
+            self.folder.retain_latest(self.cfg.keep_latest_k, just_saved=step)
         _barrier()
         return True
 
@@ -183,6 +183,11 @@ class CheckpointManager:
         if step == -1 and committed:
             step = committed[-1]
         if step != -1:
+            newer = [s for s in committed if s > step]
+            if newer:
+                logger.warning("loading step %d while newer steps %s exist from an earlier run; they are "
+                               "replaced as training reaches them, until then auto-resume would pick them",
+                               step, newer)
             if self.cfg.initial_load_path:
                 logger.info("skipping --checkpoint.initial_load_path=%s: resuming from %s",
                             self.cfg.initial_load_path, self.folder.step_dir(step))
@@ -217,8 +222,8 @@ class CheckpointManager:
                     continue
                 if not any(k.startswith(name + ".") for k in saved_keys):
                     raise self._missing_component_error(path, name, source_step)
-                if name == TRAIN_STATE and not any(k.startswith("train_state.rng_state.") for k in saved_keys):
-                    component = _WithoutRNG(component)  # e.g. written by TorchTitan, which keeps no RNG
+                if name == TRAIN_STATE:
+                    component = _SavedRNGOnly(component, saved_keys)
                 state[name] = component
         start = time.perf_counter()
         try:
@@ -259,14 +264,18 @@ class CheckpointManager:
         )
 
 
-class _WithoutRNG(Stateful):
-    """Loads a train_state that has no RNG entries, leaving the RNG as it is."""
+class _SavedRNGOnly(Stateful):
+    """Requests only the RNG states the checkpoint has (none from TorchTitan, no CUDA from a CPU run)."""
 
-    def __init__(self, inner: Stateful):
+    def __init__(self, inner: Stateful, saved_keys: Any):
         self.inner = inner
+        prefix = f"{TRAIN_STATE}.rng_state."
+        self.saved_rng = {k[len(prefix):].split(".", 1)[0] for k in saved_keys if k.startswith(prefix)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.inner.state_dict().items() if k != "rng_state"}
+        state = dict(self.inner.state_dict())
+        rng = {k: v for k, v in state.pop("rng_state", {}).items() if k in self.saved_rng}
+        return {**state, "rng_state": rng} if rng else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)

@@ -152,7 +152,12 @@ class CheckpointFolder:
         replaced = self._hidden(step, "replaced")
         if target.exists():
             os.rename(target, replaced)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if replaced.exists() and not target.exists():
+                os.rename(replaced, target)  # put the old step back before reporting the failure
+            raise
         fsync_dir(self.root)
         if replaced.exists():
             shutil.rmtree(replaced)
@@ -169,11 +174,16 @@ class CheckpointFolder:
         fsync_dir(self.root)
         shutil.rmtree(trash)
 
-    def retain_latest(self, keep: int) -> list[int]:
-        """Delete all but the newest ``keep`` committed steps (``keep == 0`` keeps all); returns the deleted."""
+    def retain_latest(self, keep: int, just_saved: int) -> list[int]:
+        """Keep ``just_saved`` and the newest ``keep - 1`` committed steps before it; returns the deleted.
+
+        ``keep == 0`` keeps all. Steps newer than ``just_saved`` (left by an earlier run when this
+        one resumed from an older step) are never counted or deleted here.
+        """
         if keep <= 0:
             return []
-        doomed = self.committed_steps()[:-keep]
+        older = [s for s in self.committed_steps() if s < just_saved]
+        doomed = older[: max(len(older) - (keep - 1), 0)]
         for step in doomed:
             self.delete(step)
             logger.info("retention: deleted step-%d (keep_latest_k=%d)", step, keep)
