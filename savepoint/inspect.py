@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from savepoint.checkpoint.states import EXCLUDABLE
 from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder, folder_bytes
 from savepoint.errors import CheckpointError
 
@@ -42,7 +43,7 @@ def describe_step(step_dir: Path) -> str:
     groups: Counter[str] = Counter()
     for key in metadata.state_dict_metadata:
         head = key.split(".", 1)[0]
-        groups[head if head in ("optimizer", "lr_scheduler", "dataloader", "train_state") else "model"] += 1
+        groups[head if head in EXCLUDABLE else "model"] += 1
     match = STEP_DIR_RE.match(step_dir.name)
     title = f"step {match.group(1)}" if match else step_dir.name
     lines = [f"{step_dir}: {title}, {folder_bytes(step_dir) / 1e6:.2f} MB"]
