@@ -350,10 +350,3 @@ def test_config_to_toml_round_trip(tmp_path: Path) -> None:
 def test_load_step_without_enable_is_an_error() -> None:
     problem = only_problem(["--checkpoint.load_step", "5"])
     assert "--checkpoint.enable" in problem
-
-
-def test_flavor_table_matches_the_model() -> None:
-    from savepoint.config.validate import MODEL_FLAVORS
-    from savepoint.models.llama3 import LLAMA3_FLAVORS
-
-    assert set(MODEL_FLAVORS) == set(LLAMA3_FLAVORS)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
-from savepoint.errors import CheckpointError, NotSupportedYet
+from savepoint.errors import CheckpointError, NotSupportedYet, SavepointError
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,36 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+class _Coordinator:
+    """Barriers and agreement among the ranks of one job, on a gloo group of their own.
+
+    The commit protocol needs every rank to reach the same verdict (written, committed, failed),
+    so that no rank goes on while another saw the step fail. A dedicated gloo group keeps these
+    small collectives off the training group (nccl on GPU) and works for CPU and CUDA jobs alike.
+    """
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def all_ok(self, ok: bool) -> bool:
+        """True only if ``ok`` on every rank."""
+        if self.group is None:
+            return ok
+        flag = torch.tensor([int(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object), on every rank."""
+        if self.group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
 
 def root_cause(error: BaseException) -> str:
@@ -60,7 +87,6 @@ def reject_unsupported(cfg: CheckpointConfig) -> None:
         "--checkpoint.async_mode": cfg.async_mode != "disabled",
         "--checkpoint.last_save_in_hf": cfg.last_save_in_hf,
         "--checkpoint.initial_load_in_hf": cfg.initial_load_in_hf,
-        "--checkpoint.create_seed_checkpoint": cfg.create_seed_checkpoint,
     }
     for flag, is_set in pending.items():
         if is_set:
@@ -81,17 +107,25 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, model: torch.nn.Module,
-                 states: dict[str, Stateful], job_config: dict[str, Any]):
+                 states: dict[str, Stateful], job_config: dict[str, Any], layout: dict[str, int] | None = None):
         reject_unsupported(cfg)
         self.cfg = cfg
         self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
         self.model_state = ModelState(model)
         self.states = states
         self.job_config = job_config
+        self.layout = layout or {"world_size": 1}
+        self.coord = _Coordinator()
+        error = None
         if cfg.enable and not cfg.load_only and _is_rank0():
-            self.folder.ensure_writable()
-            self.folder.clean_leftovers()
-        _barrier()
+            try:
+                self.folder.ensure_writable()
+                self.folder.clean_leftovers()
+            except SavepointError as e:
+                error = str(e)
+        error = self.coord.from_rank0(error)
+        if error is not None:
+            raise CheckpointError(error)
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -112,10 +146,26 @@ class CheckpointManager:
         else:
             state = {**self.model_state.state_dict(), **self.states}
         self._write(step, state, kind="model_only" if model_only else "full")
+        # Retention runs on rank 0 only, after every rank has returned from the save above.
         if _is_rank0():
             self.folder.retain_latest(self.cfg.keep_latest_k, just_saved=step)
-        _barrier()
+        self.coord.barrier()
         return True
+
+    def save_seed(self) -> None:
+        """Write the model's initial weights (float32) as the model-only ``step-0`` of an empty folder.
+
+        Raises:
+            CheckpointError: the folder already holds committed steps.
+        """
+        existing = self.folder.committed_steps()
+        if existing:
+            raise CheckpointError(
+                f"--checkpoint.create_seed_checkpoint: {self.folder.root} already holds steps {existing}; "
+                "a seed checkpoint starts a new run, so point --checkpoint.folder (or --job.dump_folder) "
+                "at an empty folder"
+            )
+        self._write(0, self._model_only_state(torch.float32), kind="seed")
 
     def _model_only_state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Model tensors with floating ones cast to ``dtype`` (integer and bool tensors stay as they are)."""
@@ -125,24 +175,40 @@ class CheckpointManager:
         }
 
     def _write(self, step: int, state: dict[str, Any], kind: str) -> None:
+        """Every rank writes its shards into the staging folder; then, only if all succeeded, rank 0 commits.
+
+        All ranks learn the outcome before returning, so either every rank returns with the step
+        committed, or every rank raises and the staging folder is gone.
+        """
         staging = self.folder.staging_dir(step)
         if _is_rank0():
             self.folder.begin(step)
-        _barrier()
+        self.coord.barrier()
         start = time.perf_counter()
+        error: BaseException | None = None
         try:
-            dcp.save(state, checkpoint_id=staging)
-            _barrier()
-            if _is_rank0():
-                self.folder.commit(step, self._manifest(step, kind, staging))
+            dcp.save(state, checkpoint_id=staging, process_group=self.coord.group)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            if _is_rank0():
+            error = e
+        written = self.coord.all_ok(error is None)
+        failure = None  # rank 0's verdict: None when committed, else why not
+        if _is_rank0():
+            if not written:
                 self.folder.abort(step)
+                failure = root_cause(error) if error is not None else "another rank failed to write its shards"
+            else:
+                try:
+                    self.folder.commit(step, self._manifest(step, kind, staging))
+                except (Exception, CheckpointException) as e:
+                    self.folder.abort(step)
+                    error, failure = e, root_cause(e)
+        failure = self.coord.from_rank0(failure)
+        if failure is not None:
+            cause = root_cause(error) if error is not None else failure
             raise CheckpointError(
-                f"saving step {step} to {self.folder.step_dir(step)} failed ({root_cause(e)}); "
+                f"saving step {step} to {self.folder.step_dir(step)} failed ({cause}); "
                 f"nothing was committed and earlier steps are intact"
-            ) from e
-        _barrier()
+            ) from error
         seconds = time.perf_counter() - start
         nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
         logger.info("saved step %d (%s) to %s: %s", step, kind, self.folder.step_dir(step), _rate(nbytes, seconds))
@@ -155,6 +221,7 @@ class CheckpointManager:
             "kind": kind,
             "export_dtype": self.cfg.export_dtype if kind == "model_only" else None,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "layout": self.layout,
             "torch_version": torch.__version__,
             "created_unix": time.time(),
             "files": files,
@@ -174,7 +241,8 @@ class CheckpointManager:
         """
         if not self.cfg.enable:
             return None
-        committed = self.folder.committed_steps()
+        # Rank 0 looks at the folder and every rank follows it, so all ranks load the same step.
+        committed = self.coord.from_rank0(self.folder.committed_steps() if _is_rank0() else None)
         if step != -1 and step not in committed:
             raise CheckpointError(
                 f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; "
@@ -193,6 +261,8 @@ class CheckpointManager:
                             self.cfg.initial_load_path, self.folder.step_dir(step))
             # Step 0 is a seed checkpoint: weights only, training starts from scratch.
             self._load_from(self.folder.step_dir(step), model_only=(step == 0), source_step=step)
+            if step == 0:
+                logger.info("step-0 is a seed checkpoint: loaded its weights, training starts at step 1")
             return step
         if self.cfg.initial_load_path:
             path = Path(self.cfg.initial_load_path)
@@ -227,7 +297,7 @@ class CheckpointManager:
                 state[name] = component
         start = time.perf_counter()
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"loading {path} failed: {root_cause(e)}") from e
         self.model_state.load_state_dict(model_sd)

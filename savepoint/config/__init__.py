@@ -2,6 +2,7 @@
 
 from savepoint.config.job_config import (
     Checkpoint,
+    Comm,
     Job,
     JobConfig,
     LRScheduler,
@@ -22,6 +23,7 @@ from savepoint.config.validate import validate
 
 __all__ = [
     "Checkpoint",
+    "Comm",
     "Job",
     "JobConfig",
     "LRScheduler",

@@ -56,6 +56,12 @@ class Training:
     deterministic: bool = False
     """Use deterministic torch algorithms (slower on GPU; CPU is deterministic already)."""
 
+    mixed_precision_param: str = "bfloat16"
+    """FSDP compute dtype of parameters on GPU: bfloat16 or float32 (CPU always computes in float32)."""
+
+    mixed_precision_reduce: str = "float32"
+    """FSDP gradient reduction dtype on GPU: float32 or bfloat16."""
+
 
 @dataclass
 class Optimizer:
@@ -169,6 +175,15 @@ class Parallelism:
 
 
 @dataclass
+class Comm:
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl when CUDA is available, else gloo), 'gloo' or 'nccl'."""
+
+    init_timeout_seconds: int = 300
+    """Seconds to wait for every process to join the process group."""
+
+
+@dataclass
 class Metrics:
     log_freq: int = 10
     """Log the loss every this many steps (and at the last step)."""
@@ -183,4 +198,5 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    comm: Comm = field(default_factory=Comm)
     metrics: Metrics = field(default_factory=Metrics)

@@ -13,6 +13,7 @@ from typing import Any
 
 from savepoint.config.job_config import (
     Checkpoint,
+    Comm,
     JobConfig,
     LRScheduler,
     Metrics,
@@ -21,8 +22,9 @@ from savepoint.config.job_config import (
     Parallelism,
     Training,
 )
+from savepoint.config.layout import seed_checkpoint_problems, tensor_parallel_problems
+from savepoint.models.llama3.args import LLAMA3_FLAVORS
 
-MODEL_FLAVORS = ("debugmodel", "8B", "70B", "405B")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -114,7 +116,7 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
 
 def _model_problems(model: Model) -> list[str]:
     problems = _one_of("--model.name", model.name, ("llama3",))
-    problems += _one_of("--model.flavor", model.flavor, MODEL_FLAVORS)
+    problems += _one_of("--model.flavor", model.flavor, tuple(LLAMA3_FLAVORS))
     return problems
 
 
@@ -124,6 +126,8 @@ def _training_problems(t: Training) -> list[str]:
     problems += _need(f"{p}local_batch_size", t.local_batch_size, t.local_batch_size >= 1, ">= 1")
     problems += _need(f"{p}seq_len", t.seq_len, t.seq_len >= 1, ">= 1")
     problems += _need(f"{p}max_norm", t.max_norm, t.max_norm >= 0, ">= 0 (0 disables clipping)")
+    problems += _one_of(f"{p}mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
+    problems += _one_of(f"{p}mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     return problems
 
 
@@ -160,6 +164,13 @@ def _parallelism_problems(par: Parallelism) -> list[str]:
     return problems
 
 
+def _comm_problems(c: Comm) -> list[str]:
+    c.backend = str(c.backend).strip().lower()
+    problems = _one_of("--comm.backend", c.backend, ("auto", "gloo", "nccl"))
+    problems += _need("--comm.init_timeout_seconds", c.init_timeout_seconds, c.init_timeout_seconds >= 1, ">= 1")
+    return problems
+
+
 def _metrics_problems(m: Metrics) -> list[str]:
     return _need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
 
@@ -179,4 +190,7 @@ def validate(cfg: JobConfig) -> list[str]:
         + _lr_scheduler_problems(cfg.lr_scheduler)
         + _parallelism_problems(cfg.parallelism)
         + _metrics_problems(cfg.metrics)
+        + _comm_problems(cfg.comm)
+        + seed_checkpoint_problems(cfg, world_size=None)
+        + tensor_parallel_problems(cfg, cfg.parallelism.tensor_parallel_degree)
     )

@@ -8,6 +8,7 @@ without skipping or repeating a sample.
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from savepoint.data.tokenizer import ByteTokenizer
 from savepoint.errors import SavepointError
+
+logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 DATASETS = {"pydocs": ASSETS / "pydocs.txt"}
@@ -93,11 +96,16 @@ class DataLoader(Stateful):
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
-        # dp_degree is informational: loading does not depend on it.
+        # dp_degree is informational: the position is global, so loading works at any degree.
+        # Every rank holds the same values, so the checkpoint keeps one copy.
         return {"sample_index": self.sample_index, "dp_degree": self.dp_degree}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sample_index = int(state_dict["sample_index"])
+        saved_degree = int(state_dict.get("dp_degree", self.dp_degree))
+        if saved_degree != self.dp_degree:
+            logger.info("data loader saved at data-parallel degree %d, resumed at %d: the global sample "
+                        "stream continues at sample %d", saved_degree, self.dp_degree, self.sample_index)
 
 
 def build_dataloader(dataset: str, seq_len: int, local_batch_size: int, seed: int,

@@ -1,6 +1,16 @@
-"""Llama 3: model, flavors and (single-process for now) parallelize seam."""
+"""Llama 3: model, flavors and the parallelize plan.
+
+``args`` is torch-free (config validation imports it); the torch parts load on first use.
+"""
 
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
-from savepoint.models.llama3.model import Transformer, build_model
 
 __all__ = ["LLAMA3_FLAVORS", "ModelArgs", "Transformer", "build_model"]
+
+
+def __getattr__(name: str):
+    if name in ("Transformer", "build_model"):
+        from savepoint.models.llama3 import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

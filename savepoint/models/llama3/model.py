@@ -7,10 +7,12 @@ because checkpoint keys are the model's state_dict keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from savepoint.models.llama3.args import ModelArgs
 
@@ -130,17 +132,31 @@ class Transformer(nn.Module):
         # Derived from args, so it is never saved: checkpoints stay loadable if max_seq_len changes.
         self.register_buffer("freqs_cis", precompute_freqs_cis(args, args.max_seq_len), persistent=False)
 
+    def init_parts(self) -> list[tuple[str, Callable[[nn.Module], None]]]:
+        """Submodules and their init functions, in the order they draw random numbers.
+
+        Init is a fixed sequence of draws from one generator; ``initialize`` replays it part by
+        part on full-size CPU copies, which makes the weights independent of how they are sharded.
+        """
+        final_std = self.args.dim**-0.5
+
+        def init_output(output: nn.Module) -> None:
+            nn.init.trunc_normal_(output.weight, mean=0.0, std=final_std, a=-3 * final_std, b=3 * final_std)
+
+        return [
+            ("tok_embeddings", lambda emb: nn.init.normal_(emb.weight)),
+            *[(f"layers.{i}", TransformerBlock.init_weights) for i in self.layers],
+            ("norm", nn.RMSNorm.reset_parameters),
+            ("output", init_output),
+        ]
+
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """(Re)initialise every parameter and buffer in place; call after ``to_empty`` for meta-built models."""
+        """(Re)initialise every parameter and buffer in place (unsharded models; see ``initialize``)."""
         device = buffer_device or self.freqs_cis.device
         self.freqs_cis = precompute_freqs_cis(self.args, self.args.max_seq_len, device=device)
-        nn.init.normal_(self.tok_embeddings.weight)
-        for layer in self.layers.values():
-            layer.init_weights()
-        self.norm.reset_parameters()
-        final_std = self.args.dim**-0.5
-        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=final_std, a=-3 * final_std, b=3 * final_std)
+        for name, init in self.init_parts():
+            init(self.get_submodule(name))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)  # [bs, seqlen, dim]
@@ -149,15 +165,48 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # [bs, seqlen, vocab_size]
 
 
-def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu") -> Transformer:
-    """Build on the meta device, materialise on ``device`` and initialise from ``seed``.
+@torch.no_grad()
+def initialize(model: Transformer, seed: int, device: torch.device | str) -> None:
+    """Give a materialised (``to_empty``) model the weights a one-process CPU init with ``seed`` gives.
 
-    The result depends only on ``args`` and ``seed``: init draws from a private generator state
-    set by ``torch.manual_seed`` here, in a fixed module order.
+    Each part is initialised full-size on the CPU from one seeded generator, then copied into the
+    model, whose parameters may be plain tensors or DTensor shards (FSDP, TP, HSDP). The weights are
+    therefore bit-identical at every layout and on every device, and the extra memory is one part
+    (a transformer block or the embedding), never the whole model.
+    """
+    device = torch.device(device)
+    model.freqs_cis = precompute_freqs_cis(model.args, model.args.max_seq_len, device=device)
+    with torch.device("meta"):
+        template = Transformer(model.args)
+    torch.manual_seed(seed)
+    for name, init in template.init_parts():
+        part = template.get_submodule(name).to_empty(device="cpu")
+        init(part)
+        for key, full in part.state_dict().items():
+            _copy_full_into(model.get_parameter(f"{name}.{key}"), full)
+        part.to_empty(device="meta")
+
+
+def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full tensor into ``target``, or into this rank's shard of it when it is a DTensor."""
+    if isinstance(target, DTensor):
+        # Every rank holds the same full tensor, so each takes its own shard without communicating.
+        shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(full)
+
+
+def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
+                parallelize: Callable[[Transformer], None] | None = None) -> Transformer:
+    """Build on the meta device, apply ``parallelize`` (FSDP/TP), materialise on ``device``, initialise.
+
+    The weights depend only on ``args`` and ``seed``, not on the layout or the device (see ``initialize``).
     """
     with torch.device("meta"):
         model = Transformer(args)
+    if parallelize is not None:
+        parallelize(model)
     model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights(buffer_device=torch.device(device))
+    initialize(model, seed, device)
     return model

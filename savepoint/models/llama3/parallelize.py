@@ -1,0 +1,90 @@
+"""The parallelize plan for Llama 3: tensor parallelism (with sequence parallelism), then FSDP2 / HSDP.
+
+Applied to the model on the meta device, before it is materialised, in TorchTitan's order: TP
+first, then ``fully_shard`` over the data-parallel mesh, so that FSDP shards the TP shards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from savepoint.config.layout import ParallelDims
+from savepoint.models.llama3.model import Transformer
+
+logger = logging.getLogger(__name__)
+
+
+def parallelize_llama(model: Transformer, mesh: DeviceMesh, dims: ParallelDims,
+                      mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Shard ``model`` in place as ``dims`` says, on the mesh built by ``savepoint.distributed.build_mesh``."""
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+    if dims.fsdp:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy())
+    logger.info("parallelized %s", dims.describe())
+
+
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism: activations between blocks are sharded on the sequence.
+
+    - embeddings: rows (vocabulary) sharded, output sharded on the sequence;
+    - attention: wq/wk/wv column-wise (each rank holds whole heads), wo row-wise;
+    - feed-forward: w1/w3 column-wise, w2 row-wise;
+    - norms: sequence parallel (weights replicated);
+    - output: column-wise (vocabulary), logits gathered to full size for the loss.
+    """
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
+    })
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
+
+
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """``fully_shard`` each block, then the root (embeddings, final norm, output).
+
+    A 2-D ``dp_mesh`` (replicate, shard) gives HSDP. The last block stays gathered after forward,
+    since backward needs it first.
+    """
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=True)
+
+
+def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -> MixedPrecisionPolicy:
+    """FSDP compute/communication dtypes; CPU keeps float32 (bf16 matmuls there are slow and inexact)."""
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    return MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=dtypes[reduce_dtype])
+
+
+__all__ = ["apply_fsdp", "apply_tp", "mixed_precision", "parallelize_llama"]

@@ -1,0 +1,156 @@
+"""Multi-process scenarios for tests/test_distributed.py, run under torchrun (gloo, CPU).
+
+    python -m torch.distributed.run --nproc_per_node=N tests/dist_worker.py BASE SCENARIO[,SCENARIO...]
+
+Starting processes and importing torch cost more than these tiny jobs, so one launch runs many
+scenarios in a row, each with its own Trainer (and its own device mesh) on the same process group.
+Each scenario writes what the tests check under ``BASE/<scenario>/`` from rank 0:
+``metrics.jsonl`` (losses, from the trainer), ``consumed.json`` (global sample indices each step
+actually read, gathered from every rank), ``init.pt`` / ``loaded.pt`` (full model and optimizer
+state gathered from the shards) and ``final.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from savepoint.train import Trainer  # noqa: E402
+from tests.conftest import make_config  # noqa: E402
+
+STEPS = ["--training.steps", "10", "--checkpoint.interval", "5"]
+# Every layout consumes a global batch of 4 samples per step, so runs at different layouts see
+# the same data and their losses are comparable step by step.
+LAYOUTS = {
+    "one": ["--training.local_batch_size", "4"],  # 1 process
+    "fsdp": ["--training.local_batch_size", "2"],  # 2 processes: dp_shard 2
+    "tp": ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2"],  # 2 processes
+    "hsdp": ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"],  # 2x1
+    "fsdp_tp": ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"],  # 4: 2x2
+}
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole model and flattened optimizer state, unsharded, on every rank (saved by rank 0)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+    model = get_model_state_dict(trainer.model, options=opts)
+    optim = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=opts)
+    return {"model": model, "optimizer": optim}
+
+
+def record_consumption(trainer: Trainer, out: Path) -> None:
+    """Wrap the loader so every step's actually read sample indices (all ranks) go to consumed.json."""
+    loader = trainer.dataloader
+    read = loader.next_batch
+    steps: list[list[int]] = []
+
+    def next_batch():
+        mine = loader.local_indices()
+        everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(everyone, mine)
+        # TP ranks of one data-parallel group read the same samples: count each group once.
+        steps.append(sorted({i for indices in everyone for i in indices}))
+        if rank0():
+            (out / "consumed.json").write_text(json.dumps(steps))
+        return read()
+
+    loader.next_batch = next_batch
+
+
+def copy_step(src: Path, dst_run: Path, step: int) -> None:
+    """Put ``src/checkpoint/step-N`` into a fresh run folder, so its trainer resumes from it."""
+    if rank0():
+        shutil.rmtree(dst_run, ignore_errors=True)
+        shutil.copytree(src / "checkpoint" / f"step-{step}", dst_run / "checkpoint" / f"step-{step}")
+    barrier()
+
+
+def save(obj, path: Path) -> None:
+    if rank0():
+        torch.save(obj, path)
+
+
+def straight(base: Path, layout: str) -> None:
+    """Train ``layout`` 10 steps (saves at 5 and 10); record the init and the final state."""
+    out = base / layout
+    trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
+    out.mkdir(parents=True, exist_ok=True)
+    save(full_state(trainer)["model"], out / "init.pt")
+    record_consumption(trainer, out)
+    trainer.train()
+    save(full_state(trainer), out / "final.pt")
+
+
+def resume(base: Path, source: str, layout: str) -> None:
+    """Resume ``source``'s step 5 at ``layout`` (auto-resume): record the loaded state, train to step 10."""
+    out = base / f"{source}_to_{layout}"
+    copy_step(base / source, out, 5)
+    trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
+    assert trainer.load_checkpoint() == 5
+    save(full_state(trainer), out / "loaded.pt")
+    record_consumption(trainer, out)
+    trainer.train()
+    save(full_state(trainer), out / "final.pt")
+
+
+def seeded(base: Path, layout: str) -> None:
+    """Load the seed checkpoint (made with another seed) at ``layout``; record the weights."""
+    out = base / f"seed_to_{layout}"
+    copy_step(base / "seed", out, 0)
+    trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
+    assert trainer.load_checkpoint() == 0
+    out.mkdir(parents=True, exist_ok=True)
+    save(full_state(trainer)["model"], out / "loaded.pt")
+    trainer.train(stop_after=1)  # a step runs from the seed weights
+
+
+def make_seed(base: Path) -> None:
+    """A seed checkpoint from another seed (7), so loading it visibly changes the weights."""
+    Trainer(make_config(base / "seed", "--checkpoint.create_seed_checkpoint", "--training.seed", "7")
+            ).create_seed_checkpoint()
+
+
+def run_scenario(base: Path, scenario: str) -> None:
+    kind, _, arg = scenario.partition(":")
+    if kind == "make_seed":
+        make_seed(base)
+    elif kind == "straight":
+        straight(base, arg)
+    elif kind == "resume":
+        source, layout = arg.split(">")
+        resume(base, source, layout)
+    elif kind == "seed":
+        seeded(base, arg)
+    else:
+        raise ValueError(f"unknown scenario {scenario}")
+
+
+def main(base: str, scenarios: str) -> None:
+    for scenario in scenarios.split(","):
+        run_scenario(Path(base), scenario)
+        barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
