@@ -13,7 +13,7 @@ export CONFIG_FILE=${CONFIG_FILE:-$root/configs/debug_model.toml}
 
 source "$root/scripts/bootstrap.sh"
 # Validate the config before starting any process, so a typo costs a second and prints one line.
-"$PY" -m savepoint check "$@"
+SAVEPOINT_WORLD_SIZE="$NGPU" "$PY" -m savepoint check "$@"
 for arg in "$@"; do [[ "$arg" == "--help" || "$arg" == "-h" ]] && exit 0; done
 
 exec "$PY" -m savepoint.launch --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \

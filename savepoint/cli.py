@@ -43,7 +43,13 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_check(argv: list[str]) -> None:
-    _parse_config(argv)
+    """Validate the config; with SAVEPOINT_WORLD_SIZE set (run_train.sh sets it to NGPU), the layout too."""
+    cfg = _parse_config(argv)
+    world_size = os.environ.get("SAVEPOINT_WORLD_SIZE")
+    if world_size:
+        from savepoint.config.layout import resolve_parallel_dims
+
+        resolve_parallel_dims(cfg, int(world_size))
 
 
 def cmd_inspect(argv: list[str]) -> None:

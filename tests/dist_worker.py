@@ -129,10 +129,48 @@ def make_seed(base: Path) -> None:
             ).create_seed_checkpoint()
 
 
+def failed_save(base: Path) -> None:
+    """Rank 1's write fails mid-save: every rank must raise, nothing is committed, step-5 is untouched."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from savepoint.errors import CheckpointError
+
+    out = base / "failsave"
+    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS))
+    trainer.train(stop_after=5)
+    step5 = out / "checkpoint" / "step-5"
+    before = {p.name: p.read_bytes() for p in step5.iterdir()}
+    original = FileSystemWriter.write_data
+
+    def broken_write(self, plan, planner):
+        if dist.get_rank() == 1:
+            raise OSError("injected: rank 1 lost its disk")
+        return original(self, plan, planner)
+
+    FileSystemWriter.write_data = broken_write
+    try:
+        trainer.checkpointer.save(10, last_step=True)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    finally:
+        FileSystemWriter.write_data = original
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if rank0():
+        (out / "result.json").write_text(json.dumps({
+            "errors": errors,
+            "entries": sorted(p.name for p in (out / "checkpoint").iterdir()),
+            "step5_unchanged": before == {p.name: p.read_bytes() for p in step5.iterdir()},
+        }))
+
+
 def run_scenario(base: Path, scenario: str) -> None:
     kind, _, arg = scenario.partition(":")
     if kind == "make_seed":
         make_seed(base)
+    elif kind == "failed_save":
+        failed_save(base)
     elif kind == "straight":
         straight(base, arg)
     elif kind == "resume":

@@ -22,11 +22,10 @@ from tests.conftest import ROOT, losses
 pytestmark = pytest.mark.distributed
 
 TWO = ["straight:fsdp", "straight:tp", "straight:hsdp", "resume:fsdp>fsdp", "resume:one>fsdp", "resume:one>tp",
-       "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp"]
+       "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp", "failed_save"]
 FOUR = ["resume:fsdp>fsdp_tp", "seed:fsdp_tp"]
-# Losses of a resharded continuation against the same-layout one (measured: at most 9.5e-7):
-# sums in a different order
-# (sharded matmuls, reduce-scatter) change the last bits of float32 results, nothing more.
+# Losses of a resharded continuation against the same-layout one (measured: at most 9.5e-7): sums
+# in a different order (sharded matmuls, reduce-scatter) change the last bits of float32 results.
 LOSS_TOLERANCE = 1e-5
 
 
@@ -151,6 +150,21 @@ def test_every_rank_writes_its_own_shards(base):
                                   "tensor_parallel_degree": 1, "world_size": 2}
     assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
     assert not list((base / "fsdp" / "checkpoint").glob(".step-*"))
+
+
+def test_a_failed_rank_fails_the_save_on_every_rank(base):
+    result = json.loads((base / "failsave" / "result.json").read_text())
+    assert all(e is not None and "saving step 10" in e and "nothing was committed" in e for e in result["errors"])
+    assert "rank 1: OSError: injected: rank 1 lost its disk" in result["errors"][1]
+    assert result["entries"] == ["step-5"]  # no step-10, no staging leftovers
+    assert result["step5_unchanged"]
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp", "hsdp"])
+def test_training_is_layout_independent_within_tolerance(base, layout):
+    one, other = losses(base / "one"), losses(base / layout)
+    assert sorted(other) == list(range(1, 11))
+    assert all(abs(other[s] - one[s]) <= LOSS_TOLERANCE for s in one)
 
 
 # ------------------------------------------------------------------------------------- dataloader

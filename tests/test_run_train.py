@@ -33,8 +33,8 @@ def config_with(tmp_path: Path, name: str, checkpoint_block: str) -> Path:
     return path
 
 
-def run_train(config: Path | None, *args: str, dump: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAVEPOINT_PYTHON": sys.executable}
+def run_train(config: Path | None, *args: str, dump: Path, ngpu: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SAVEPOINT_PYTHON": sys.executable, "NGPU": str(ngpu)}
     if config is not None:
         env["CONFIG_FILE"] = str(config)
     cmd = ["./run_train.sh", "--job.dump_folder", str(dump), *args]
@@ -106,3 +106,49 @@ def test_help_lists_every_option(tmp_path):
     for flag in flags:
         assert flag in proc.stdout
     assert "Keep the newest k committed steps" in proc.stdout
+
+
+# The seed's "Creating Seed Checkpoints" command, flag for flag.
+SEED_COMMAND = ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+                "--parallelism.data_parallel_replicate_degree", "1", "--parallelism.data_parallel_shard_degree", "1",
+                "--parallelism.tensor_parallel_degree", "1", "--parallelism.pipeline_parallel_degree", "1",
+                "--parallelism.context_parallel_degree", "1", "--parallelism.expert_parallel_degree", "1"]
+
+
+def test_seed_checkpoint_then_two_processes(tmp_path):
+    dump = tmp_path / "out"
+    ok(run_train(ROOT / "configs/debug_model.toml", *SEED_COMMAND, dump=dump))
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-0"]
+    meta = FileSystemReader(str(dump / "checkpoint/step-0")).read_metadata().state_dict_metadata
+    assert "output.weight" in meta and not any(k.startswith("optimizer") for k in meta)
+
+    proc = ok(run_train(None, *TINY, "--checkpoint.enable", "--training.steps", "3", "--checkpoint.interval", "2",
+                        "--checkpoint.no_last_save_model_only", dump=dump, ngpu=2))
+    assert "step-0 is a seed checkpoint" in proc.stdout
+    assert "FSDP 2" in proc.stdout
+    for step in (2, 3):
+        assert step_layout(dump / f"checkpoint/step-{step}") == [
+            ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
+    assert sorted(losses(dump)) == [1, 2, 3]
+
+
+def test_bad_layouts_fail_before_launch(tmp_path):
+    cases = [
+        (2, ["--parallelism.data_parallel_shard_degree", "1"],
+         "the parallel degrees multiply to 1 (data_parallel_replicate_degree=1 x data_parallel_shard_degree=1 x "
+         "tensor_parallel_degree=1) but the world size is 2"),
+        (2, ["--parallelism.data_parallel_replicate_degree", "3"], "does not divide the world size 2"),
+        (2, ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint"], "launch it with NGPU=1"),
+        (1, ["--checkpoint.create_seed_checkpoint"], "needs --checkpoint.enable"),
+        (1, ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--parallelism.tensor_parallel_degree",
+             "2"], "set --parallelism.tensor_parallel_degree 1"),
+        (3, ["--parallelism.tensor_parallel_degree", "3"],
+         "--parallelism.tensor_parallel_degree=3 does not divide the attention head count (n_heads=16"),
+        (2, ["--parallelism.pipeline_parallel_degree", "2"], "pipeline parallelism is not supported yet"),
+    ]
+    for ngpu, args, message in cases:
+        proc = run_train(None, *args, dump=tmp_path, ngpu=ngpu)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert "rank" not in proc.stdout  # rejected by the check, before torchrun started any process
