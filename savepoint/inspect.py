@@ -31,11 +31,22 @@ def describe(path: str) -> str:
     for step in steps:
         manifest = folder.read_manifest(step) or {}
         size = folder_bytes(folder.step_dir(step))
-        lines.append(f"  step-{step:<8} {manifest.get('kind', 'unknown'):<10} {size / 1e6:10.2f} MB")
+        lines.append(f"  step-{step:<8} {manifest.get('kind', 'unknown'):<10} {size / 1e6:10.2f} MB"
+                     f"  {_layout(manifest)}")
     leftovers = [p.name for p in target.iterdir() if p.name.startswith(".step-")]
     if leftovers:
         lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
     return "\n".join(lines)
+
+
+def _layout(manifest: dict) -> str:
+    """Where the step was saved from, e.g. 'saved by 2 processes (dp_replicate 1, dp_shard 2, tp 1)'."""
+    layout = manifest.get("layout")
+    if not layout:
+        return ""
+    degrees = (f"dp_replicate {layout.get('data_parallel_replicate_degree', 1)}, "
+               f"dp_shard {layout.get('data_parallel_shard_degree', 1)}, tp {layout.get('tensor_parallel_degree', 1)}")
+    return f"saved by {layout['world_size']} process(es) ({degrees})"
 
 
 def describe_step(step_dir: Path) -> str:
