@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -110,7 +111,7 @@ class Clock:
                     self.cold = False
         barrier()
 
-    def time(self, call) -> float:
+    def time(self, call: Callable[[], object]) -> float:
         """Seconds from the moment every rank is ready until every rank has returned from ``call()``."""
         self._flush()
         start = time.perf_counter()
@@ -166,7 +167,36 @@ def timed_saves(manager: CheckpointManager, clock: Clock, repeats: int) -> list[
     return seconds
 
 
+class ReadCounter:
+    """Bytes of saved chunks this rank reads and deserializes during loads.
+
+    DCP's ``FileSystemReader`` reads every saved chunk a request overlaps in full, then narrows it.
+    When the load layout cuts tensors differently from the save layout (TP's row-wise ``wo``/``w2``
+    want column slices of FSDP's row chunks), a rank reads more than it keeps: this measures how much.
+    """
+
+    def __init__(self) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.nbytes = 0
+        original = FileSystemReader._slice_file
+
+        def counting_slice(reader, file, sinfo):
+            self.nbytes += sinfo.length
+            return original(reader, file, sinfo)
+
+        FileSystemReader._slice_file = counting_slice
+
+    def total(self) -> int:
+        """Bytes read so far, summed over the ranks."""
+        count = torch.tensor([self.nbytes], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        return int(count.item())
+
+
 def load(manager: CheckpointManager, step: int) -> None:
+    """``manager.load(step)``, checked: an explicit step that loads returns itself."""
     loaded = manager.load(step=step)
     assert loaded == step, f"loaded step {loaded}, expected {step}"
 
@@ -182,6 +212,12 @@ def two_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Pa
     tp = build_job(model_args, TP2, device)
     managers = {"same": fsdp_manager, "resharded": tp.manager(work_dir, FSDP_FOLDER)}
     loads: dict[str, list[float]] = {"same": [], "resharded": []}
+    read: dict[str, int] = {}
+    counter = ReadCounter()
+    for name in ("same", "resharded"):  # one untimed load each, to count the bytes it reads
+        before = counter.total()
+        load(managers[name], step)
+        read[name] = counter.total() - before
     for i in range(repeats):
         order = ["same", "resharded"] if i % 2 == 0 else ["resharded", "same"]
         for name in order:
@@ -192,6 +228,8 @@ def two_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Pa
         "save": saves,
         "load_same": loads["same"],
         "load_resharded": loads["resharded"],
+        "read_same": read["same"],
+        "read_resharded": read["resharded"],
     }
 
 
@@ -246,12 +284,14 @@ def launch(nproc: int, role: str, args: argparse.Namespace, work_dir: Path) -> d
 
 
 def row(operation: str, layout: str, seconds: list[float], nbytes: int, note: str = "") -> str:
+    """One table line: median and range of ``seconds``, and the median's throughput over ``nbytes``."""
     median = statistics.median(seconds)
     spread = f"{min(seconds):.3f} - {max(seconds):.3f}"
     return f"{operation:<6} {layout:<20} {median:>9.3f} {spread:>17} {nbytes / 1e9 / median:>7.2f}  {note}".rstrip()
 
 
 def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], wall: float) -> None:
+    """Header, table, the two ratios and a one-line summary, from both launches' timings."""
     cold = two["cold"] and one["cold"]
     cache = "cold (page cache dropped before every timed call)" if cold else \
         "warm cache (dropping the page cache was not permitted; loads may be served from memory)"
@@ -277,17 +317,23 @@ def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], w
     verdict = "met" if reshard <= 1.1 else "NOT met"
     print(f"resharded load (TP 2) / same-layout load (FSDP 2): {reshard:.2f}x (target <= 1.1x: {verdict}); "
           f"per alternating pair {min(pairs):.2f}x - {max(pairs):.2f}x")
+    read_ratio = two["read_resharded"] / two["read_same"]
+    print(f"bytes read and deserialized per load, all ranks: same layout {two['read_same'] / 1e9:.3f} GB, "
+          f"resharded {two['read_resharded'] / 1e9:.3f} GB ({read_ratio:.2f}x); time ratio / bytes ratio "
+          f"{reshard / read_ratio:.2f}")
     save_ratio = statistics.median(two["save"]) / statistics.median(one["save"])
     print(f"save ws=2 (FSDP 2) / save ws=1: {save_ratio:.2f}x")
     print(f"total wall time: {wall:.1f} s")
     print()
     print(f"summary: loading a {size_mb / 1e3:.2f} GB FSDP 2 checkpoint (Llama 3, {two['params'] / 1e6:.0f}M params "
-          f"+ AdamW) resharded to TP 2 took {reshard:.2f}x the same-layout load, and saving at 2 processes "
+          f"+ AdamW) resharded to TP 2 took {reshard:.2f}x the same-layout load (reading {read_ratio:.2f}x the "
+          f"bytes), and saving at 2 processes "
           f"{save_ratio:.2f}x the 1-process time (medians of {args.repeats}, {'cold' if cold else 'warm'} cache, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options, with unset sizes and repeats filled from the default or --quick preset, checked for TP 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, 3 repeats: a smoke run of ~20 s")
     parser.add_argument("--repeats", type=int, help="timed calls per row (default 5, --quick 3)")

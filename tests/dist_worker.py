@@ -130,16 +130,20 @@ def make_seed(base: Path) -> None:
 
 
 def failed_save(base: Path) -> None:
-    """Rank 1's write fails mid-save: every rank must raise, nothing is committed, step-5 is untouched."""
+    """Rank 1's write fails mid-save: every rank must raise, nothing is committed, step-4 is untouched.
+
+    Saves every 2 steps keeping 1, so retention (rank 0 only) has deleted step-2 before that.
+    """
     from torch.distributed.checkpoint import FileSystemWriter
 
     from savepoint.errors import CheckpointError
 
     out = base / "failsave"
-    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS))
+    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS, "--checkpoint.interval", "2",
+                                  "--checkpoint.keep_latest_k", "1"))
     trainer.train(stop_after=5)
-    step5 = out / "checkpoint" / "step-5"
-    before = {p.name: p.read_bytes() for p in step5.iterdir()}
+    step4 = out / "checkpoint" / "step-4"
+    before = {p.name: p.read_bytes() for p in step4.iterdir()}
     original = FileSystemWriter.write_data
 
     def broken_write(self, plan, planner):
@@ -161,7 +165,7 @@ def failed_save(base: Path) -> None:
         (out / "result.json").write_text(json.dumps({
             "errors": errors,
             "entries": sorted(p.name for p in (out / "checkpoint").iterdir()),
-            "step5_unchanged": before == {p.name: p.read_bytes() for p in step5.iterdir()},
+            "step4_unchanged": before == {p.name: p.read_bytes() for p in step4.iterdir()},
         }))
 
 

@@ -156,8 +156,8 @@ def test_a_failed_rank_fails_the_save_on_every_rank(base):
     result = json.loads((base / "failsave" / "result.json").read_text())
     assert all(e is not None and "saving step 10" in e and "nothing was committed" in e for e in result["errors"])
     assert "rank 1: OSError: injected: rank 1 lost its disk" in result["errors"][1]
-    assert result["entries"] == ["step-5"]  # no step-10, no staging leftovers
-    assert result["step5_unchanged"]
+    assert result["entries"] == ["step-4"]  # step-2 retired by retention; no step-10, no staging leftovers
+    assert result["step4_unchanged"]
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "tp", "hsdp"])

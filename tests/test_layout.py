@@ -84,3 +84,15 @@ def test_layout_problems_lists_instead_of_raising(tmp_path):
     assert layout_problems(cfg, None) == []
     cfg.parallelism.data_parallel_shard_degree = 3
     assert len(layout_problems(cfg, 2)) == 1
+
+
+def test_nccl_without_cuda_is_a_clear_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from savepoint.train import Trainer
+
+    with pytest.raises(ConfigError, match="--comm.backend nccl needs CUDA"):
+        Trainer(make_config(tmp_path, "--comm.backend", "nccl"))
+    with pytest.raises(ConfigError, match="did you mean --comm.backend=gloo"):
+        make_config(tmp_path, "--comm.backend", "glo")

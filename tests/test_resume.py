@@ -209,3 +209,15 @@ def test_only_saved_rng_states_are_requested():
     assert set(cpu_only.state_dict()["rng_state"]) == {"cpu"}
     titan = _SavedRNGOnly(GpuTrainState(), {"train_state.step": 0})
     assert "rng_state" not in titan.state_dict()
+
+
+def test_seed_checkpoint_refuses_a_folder_with_steps(train, tmp_path):
+    from savepoint.train import Trainer
+    from tests.conftest import make_config
+
+    train(stop_after=5)
+    before = sorted(p.name for p in (tmp_path / "run/checkpoint").iterdir())
+    trainer = Trainer(make_config(tmp_path / "run", "--checkpoint.create_seed_checkpoint"))
+    with pytest.raises(CheckpointError, match=r"already holds steps \[5\].*empty folder"):
+        trainer.create_seed_checkpoint()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoint").iterdir()) == before
