@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.distributed.checkpoint import DefaultSavePlanner  # noqa: E402
 
 from savepoint.checkpoint import CheckpointManager  # noqa: E402
 from savepoint.checkpoint.states import (  # noqa: E402
@@ -243,7 +244,25 @@ def one_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Pa
     manager.folder.delete(repeats)  # only the FSDP(2) checkpoint stays, as in the 2-process loads
     loader = one.manager(work_dir, FSDP_FOLDER)
     loads = [clock.time(partial(load, loader, repeats)) for _ in range(repeats)]
-    return {"bytes": nbytes, "save": saves, "load": loads}
+    untiled, tiled = untiled_vs_tiled_saves(one.manager(work_dir, "tiling"), clock, repeats)
+    return {"bytes": nbytes, "save": saves, "load": loads, "save_untiled": untiled, "save_tiled": tiled}
+
+
+def untiled_vs_tiled_saves(manager: CheckpointManager, clock: Clock, repeats: int) -> tuple[list[float], list[float]]:
+    """What column tiles cost a save: alternating saves with DCP's default planner and with the tiled one."""
+    import savepoint.checkpoint.manager as manager_module
+
+    tiled_planner = manager_module.TiledSavePlanner
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats):
+        for tiled in ((False, True) if i % 2 == 0 else (True, False)):
+            manager_module.TiledSavePlanner = tiled_planner if tiled else DefaultSavePlanner
+            try:
+                seconds[tiled].append(clock.time(partial(manager.save, 1)))
+            finally:
+                manager_module.TiledSavePlanner = tiled_planner
+            manager.folder.delete(1)
+    return seconds[False], seconds[True]
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -321,6 +340,10 @@ def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], w
     print(f"bytes read and deserialized per load, all ranks: same layout {two['read_same'] / 1e9:.3f} GB, "
           f"resharded {two['read_resharded'] / 1e9:.3f} GB ({read_ratio:.2f}x); time ratio / bytes ratio "
           f"{reshard / read_ratio:.2f}")
+    tile_cost = statistics.median(one["save_tiled"]) / statistics.median(one["save_untiled"])
+    print(f"1-process save with column tiles / with DCP's default planner: {tile_cost:.2f}x "
+          f"(medians {statistics.median(one['save_tiled']):.3f} s / {statistics.median(one['save_untiled']):.3f} s, "
+          f"alternating)")
     save_ratio = statistics.median(two["save"]) / statistics.median(one["save"])
     print(f"save ws=2 (FSDP 2) / save ws=1: {save_ratio:.2f}x")
     print(f"total wall time: {wall:.1f} s")

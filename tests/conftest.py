@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from savepoint.checkpoint import planner
 from savepoint.config import parse_args
+
+# The debug model's matrices are far below the 1 MiB tile threshold; lower it so that every
+# checkpoint the tests write (and reshard) stores its matrices as column tiles.
+planner.MIN_TILE_BYTES = 16 * 1024
 
 ROOT = Path(__file__).resolve().parent.parent
 

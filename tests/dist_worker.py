@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from savepoint.config.job_config import Comm  # noqa: E402
+from savepoint.distributed import init_distributed  # noqa: E402
 from savepoint.train import Trainer  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
 
@@ -187,6 +189,7 @@ def run_scenario(base: Path, scenario: str) -> None:
 
 
 def main(base: str, scenarios: str) -> None:
+    init_distributed(Comm())  # before any scenario: copy_step needs to know which rank is 0
     for scenario in scenarios.split(","):
         run_scenario(Path(base), scenario)
         barrier()

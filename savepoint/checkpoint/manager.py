@@ -18,6 +18,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
@@ -187,7 +188,7 @@ class CheckpointManager:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            dcp.save(state, checkpoint_id=staging, process_group=self.coord.group)
+            dcp.save(state, checkpoint_id=staging, planner=TiledSavePlanner(), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             error = e
         written = self.coord.all_ok(error is None)
