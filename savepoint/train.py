@@ -31,7 +31,7 @@ from savepoint.config.layout import resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
-from savepoint.models.llama3.parallelize import mixed_precision, parallelize_llama
+from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Trainer:
             },
             job_config=config_to_dict(cfg),
             layout=self.dims.as_dict(),
+            column_tiled=column_sharded,
         )
         self.loaded_step: int | None = None
         self._loaded = False

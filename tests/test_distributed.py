@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests import dist_worker as worker
@@ -149,6 +150,11 @@ def test_every_rank_writes_its_own_shards(base):
     assert manifest["layout"] == {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": 2,
                                   "tensor_parallel_degree": 1, "world_size": 2}
     assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # TP's column-sharded weights (and their Adam moments) are stored as column tiles: 2 row chunks x 8
+    meta = FileSystemReader(str(step5)).read_metadata().state_dict_metadata
+    for key in ("layers.0.attention.wo.weight", "optimizer.state.layers.5.feed_forward.w2.weight.exp_avg_sq"):
+        assert len(meta[key].chunks) == 16, key
+    assert len(meta["layers.0.attention.wq.weight"].chunks) == 2
     assert not list((base / "fsdp" / "checkpoint").glob(".step-*"))
 
 

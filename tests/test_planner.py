@@ -58,3 +58,15 @@ def test_small_tensors_stay_whole_at_the_default_threshold(tmp_path, monkeypatch
     state = {"w": torch.randn(256, 256)}  # 256 KiB < the 1 MiB default tile minimum
     dcp.save(state, checkpoint_id=tmp_path / "ckpt", planner=TiledSavePlanner(), no_dist=True)
     assert chunks(tmp_path / "ckpt", "w") == [((0, 0), (256, 256))]
+
+
+def test_tile_if_chooses_the_keys(tmp_path):
+    from savepoint.models.llama3.parallelize import column_sharded
+
+    state = {"layers.0.attention.wo.weight": torch.randn(64, 512), "layers.0.attention.wq.weight": torch.randn(64, 512),
+             "optimizer": {"state": {"layers.0.attention.wo.weight": {"exp_avg": torch.randn(64, 512)}}}}
+    planner = TiledSavePlanner(tile_if=column_sharded, min_tile_bytes=16 * 1024)
+    dcp.save(state, checkpoint_id=tmp_path / "ckpt", planner=planner, no_dist=True)
+    assert len(chunks(tmp_path / "ckpt", "layers.0.attention.wo.weight")) == 8
+    assert len(chunks(tmp_path / "ckpt", "optimizer.state.layers.0.attention.wo.weight.exp_avg")) == 8
+    assert len(chunks(tmp_path / "ckpt", "layers.0.attention.wq.weight")) == 1  # row-sharded under TP: whole

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,14 @@ class CheckpointManager:
         model: the model whose parameters are saved flat at the top level.
         states: the other components by key (``optimizer``, ``lr_scheduler``, ...), each Stateful.
         job_config: the resolved config as a dict, stored in every step's manifest.
+        layout: the resolved parallel degrees, stored in every step's manifest.
+        column_tiled: which checkpoint keys the model's tensor-parallel plan shards by columns; they
+            are saved as column tiles (see ``planner.py``). None tiles nothing.
     """
 
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, model: torch.nn.Module,
-                 states: dict[str, Stateful], job_config: dict[str, Any], layout: dict[str, int] | None = None):
+                 states: dict[str, Stateful], job_config: dict[str, Any], layout: dict[str, int] | None = None,
+                 column_tiled: Callable[[str], bool] | None = None):
         reject_unsupported(cfg)
         self.cfg = cfg
         self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
@@ -116,6 +121,7 @@ class CheckpointManager:
         self.states = states
         self.job_config = job_config
         self.layout = layout or {"world_size": 1}
+        self.column_tiled = column_tiled or (lambda key: False)
         self.coord = _Coordinator()
         error = None
         if cfg.enable and not cfg.load_only and _is_rank0():
@@ -188,7 +194,8 @@ class CheckpointManager:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            dcp.save(state, checkpoint_id=staging, planner=TiledSavePlanner(), process_group=self.coord.group)
+            planner = TiledSavePlanner(tile_if=self.column_tiled)
+            dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             error = e
         written = self.coord.all_ok(error is None)

@@ -6,14 +6,18 @@ parallelism splits ``wo`` and ``w2`` (and their Adam moments) by *columns*, so a
 an FSDP checkpoint overlaps every row chunk of those tensors and reads all of them: about 20 %
 more bytes than a same-layout load of a Llama (see ``benchmarks/reshard.py``).
 
-Storing each chunk of a large 2-D tensor as up to ``tiles`` column tiles (each contiguous on
-disk) lets a column-sharded request read only the tiles it needs. Row-sharded requests read the
-same bytes as before. The checkpoint stays a standard DCP checkpoint: a tile is just one more
-chunk in ``.metadata``, and every DCP reader (TorchTitan's, ``dcp_to_torch``) loads it unchanged.
+Storing each chunk of such a tensor as up to ``tiles`` column tiles (each contiguous on disk)
+lets a column-sharded request read only the tiles it needs; row-sharded requests read the same
+bytes as before. Tiles cost a copy when the state is in CPU memory (the writer must make each
+column tile contiguous), so only the tensors the model's plan shards by columns are tiled (for
+Llama: ``wo`` and ``w2``, about a fifth of the bytes). The checkpoint stays a standard DCP
+checkpoint: a tile is one more chunk in ``.metadata``, and every DCP reader (TorchTitan's,
+``dcp_to_torch``) loads it unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,10 +32,19 @@ MIN_TILE_BYTES = 1 << 20
 
 
 class TiledSavePlanner(DefaultSavePlanner):
-    """``DefaultSavePlanner`` that splits each large 2-D chunk into equal column tiles."""
+    """``DefaultSavePlanner`` that splits large 2-D chunks of the chosen tensors into equal column tiles.
 
-    def __init__(self, tiles: int = DEFAULT_TILES, min_tile_bytes: int | None = None):
+    Args:
+        tile_if: which flattened keys to tile (e.g. ``layers.0.attention.wo.weight`` and its
+            ``optimizer.state.<fqn>.exp_avg``); None tiles every large 2-D tensor.
+        tiles: the most tiles per chunk (a power of two).
+        min_tile_bytes: smaller tiles are not made (default ``MIN_TILE_BYTES``).
+    """
+
+    def __init__(self, tile_if: Callable[[str], bool] | None = None, tiles: int = DEFAULT_TILES,
+                 min_tile_bytes: int | None = None):
         super().__init__()
+        self.tile_if = tile_if
         self.tiles = tiles
         self.min_tile_bytes = MIN_TILE_BYTES if min_tile_bytes is None else min_tile_bytes
         self._tile_of: dict[MetadataIndex, tuple[MetadataIndex, int, int]] = {}  # tile -> (chunk, col, width)
@@ -47,6 +60,8 @@ class TiledSavePlanner(DefaultSavePlanner):
         """The largest power of two <= ``tiles`` that divides the columns into tiles of >= min_tile_bytes."""
         data = item.tensor_data
         if item.type == WriteItemType.BYTE_IO or data is None or len(data.chunk.sizes) != 2:
+            return 1
+        if self.tile_if is not None and not self.tile_if(item.index.fqn):
             return 1
         rows, cols = data.chunk.sizes
         itemsize = data.properties.dtype.itemsize

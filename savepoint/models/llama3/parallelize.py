@@ -25,6 +25,18 @@ from savepoint.models.llama3.model import Transformer
 
 logger = logging.getLogger(__name__)
 
+# Weights that tensor parallelism shards by columns (row-wise parallel linears: Shard(1)).
+COLUMN_SHARDED = (".attention.wo.weight", ".feed_forward.w2.weight")
+
+
+def column_sharded(key: str) -> bool:
+    """Whether a checkpoint key (a weight, or its optimizer state) belongs to a column-sharded weight.
+
+    The checkpointer stores these as column tiles (``savepoint.checkpoint.planner``), so that a TP
+    load of an FSDP checkpoint reads only the columns it keeps.
+    """
+    return any(name in key for name in COLUMN_SHARDED)
+
 
 def parallelize_llama(model: Transformer, mesh: DeviceMesh, dims: ParallelDims,
                       mp_policy: MixedPrecisionPolicy | None = None) -> None:
@@ -87,4 +99,4 @@ def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -
     return MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=dtypes[reduce_dtype])
 
 
-__all__ = ["apply_fsdp", "apply_tp", "mixed_precision", "parallelize_llama"]
+__all__ = ["apply_fsdp", "apply_tp", "column_sharded", "mixed_precision", "parallelize_llama"]
