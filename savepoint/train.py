@@ -181,6 +181,7 @@ def run(cfg: JobConfig) -> None:
             trainer.create_seed_checkpoint()
         else:
             trainer.train()
+        trainer.checkpointer.close()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

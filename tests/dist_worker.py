@@ -171,12 +171,51 @@ def failed_save(base: Path) -> None:
         }))
 
 
+def failed_prepare(base: Path) -> None:
+    """Failures outside DCP's own error handling must not hang or split the ranks.
+
+    Case "state": rank 1 fails to build its optimizer state, before DCP's first collective.
+    Case "begin": rank 0 alone fails to create the staging folder while rank 1 waits for it.
+    Every rank must raise, and nothing may be committed.
+    """
+    from savepoint.errors import CheckpointError
+
+    out = base / "failprep"
+    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS))
+    trainer.train(stop_after=5)
+    ckpt = trainer.checkpointer
+    optimizer_state = ckpt.states["optimizer"]
+    results = {}
+    for case in ("state", "begin"):
+        original_state, original_begin = optimizer_state.state_dict, ckpt.folder.begin
+        if case == "state" and dist.get_rank() == 1:
+            optimizer_state.state_dict = lambda: (_ for _ in ()).throw(RuntimeError("injected: no optimizer state"))
+        if case == "begin" and rank0():
+            ckpt.folder.begin = lambda step: (_ for _ in ()).throw(OSError(28, "injected: No space left on device"))
+        try:
+            ckpt.save(10, last_step=True)
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        finally:
+            optimizer_state.state_dict, ckpt.folder.begin = original_state, original_begin
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        results[case] = {"errors": errors, "entries": sorted(p.name for p in (out / "checkpoint").iterdir())}
+    trainer.train(stop_after=6)  # the ranks are still in step with each other: training goes on
+    results["trained_to"] = trainer.train_state.step
+    if rank0():
+        (out / "result.json").write_text(json.dumps(results))
+
+
 def run_scenario(base: Path, scenario: str) -> None:
     kind, _, arg = scenario.partition(":")
     if kind == "make_seed":
         make_seed(base)
     elif kind == "failed_save":
         failed_save(base)
+    elif kind == "failed_prepare":
+        failed_prepare(base)
     elif kind == "straight":
         straight(base, arg)
     elif kind == "resume":

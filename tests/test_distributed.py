@@ -23,7 +23,8 @@ from tests.conftest import ROOT, losses
 pytestmark = pytest.mark.distributed
 
 TWO = ["straight:fsdp", "straight:tp", "straight:hsdp", "resume:fsdp>fsdp", "resume:one>fsdp", "resume:one>tp",
-       "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp", "failed_save"]
+       "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp", "resume:hsdp>tp",
+       "failed_save", "failed_prepare"]
 FOUR = ["resume:fsdp>fsdp_tp", "seed:fsdp_tp"]
 # Losses of a resharded continuation against the same-layout one (measured: at most 9.5e-7): sums
 # in a different order (sharded matmuls, reduce-scatter) change the last bits of float32 results.
@@ -45,7 +46,7 @@ def base(tmp_path_factory) -> Path:
     worker.straight(base, "one")
     torchrun(base, 2, TWO)
     torchrun(base, 4, FOUR)
-    for scenario in ("resume:fsdp>one", "resume:tp>one", "resume:one>one", "seed:one"):
+    for scenario in ("resume:fsdp>one", "resume:tp>one", "resume:one>one", "resume:hsdp>one", "seed:one"):
         worker.run_scenario(base, scenario)
     return base
 
@@ -113,7 +114,8 @@ def test_init_without_seed_checkpoint_is_layout_independent(base, layout):
 
 # -------------------------------------------------------------------------------------- resharding
 
-MATRIX = [(s, d) for s in ("one", "fsdp", "tp") for d in ("one", "fsdp", "tp")] + [("fsdp", "fsdp_tp")]
+MATRIX = [(s, d) for s in ("one", "fsdp", "tp") for d in ("one", "fsdp", "tp")] + [
+    ("fsdp", "fsdp_tp"), ("hsdp", "one"), ("hsdp", "tp")]
 
 
 @pytest.mark.parametrize("source,layout", MATRIX)
@@ -164,6 +166,18 @@ def test_a_failed_rank_fails_the_save_on_every_rank(base):
     assert "rank 1: OSError: injected: rank 1 lost its disk" in result["errors"][1]
     assert result["entries"] == ["step-4"]  # step-2 retired by retention; no step-10, no staging leftovers
     assert result["step4_unchanged"]
+
+
+def test_failures_outside_dcp_fail_every_rank_without_hanging(base):
+    result = json.loads((base / "failprep" / "result.json").read_text())
+    state, begin = result["state"], result["begin"]
+    assert all(e and "saving step 10" in e and "nothing was committed" in e for e in state["errors"])
+    assert "RuntimeError: injected: no optimizer state" in state["errors"][1]
+    assert "another rank failed to build or write its shards" in state["errors"][0]
+    assert begin["errors"][0] == begin["errors"][1]
+    assert "creating" in begin["errors"][0] and "No space left on device" in begin["errors"][0]
+    assert state["entries"] == begin["entries"] == ["step-5"]
+    assert result["trained_to"] == 6
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "tp", "hsdp"])

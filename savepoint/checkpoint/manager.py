@@ -66,6 +66,30 @@ class _Coordinator:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def run_on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` on rank 0 only; every rank gets its result, or raises the same CheckpointError.
+
+        Other ranks wait in a collective meanwhile, so an error rank 0 kept to itself would hang
+        them: every error is caught and shared.
+        """
+        outcome: tuple[bool, Any] = (True, None)
+        if _is_rank0():
+            try:
+                outcome = (True, fn())
+            except SavepointError as e:
+                outcome = (False, str(e))
+            except (Exception, CheckpointException) as e:
+                outcome = (False, f"{what} failed: {root_cause(e)}")
+        ok, value = self.from_rank0(outcome)
+        if not ok:
+            raise CheckpointError(value)
+        return value
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
 
 def root_cause(error: BaseException) -> str:
     """One line for an error; for DCP's CheckpointException, the first failing rank's own error."""
@@ -120,19 +144,19 @@ class CheckpointManager:
         self.model_state = ModelState(model)
         self.states = states
         self.job_config = job_config
-        self.layout = layout or {"world_size": 1}
+        self.layout = layout or {"world_size": dist.get_world_size() if dist.is_initialized() else 1}
         self.column_tiled = column_tiled or (lambda key: False)
         self.coord = _Coordinator()
-        error = None
-        if cfg.enable and not cfg.load_only and _is_rank0():
-            try:
-                self.folder.ensure_writable()
-                self.folder.clean_leftovers()
-            except SavepointError as e:
-                error = str(e)
-        error = self.coord.from_rank0(error)
-        if error is not None:
-            raise CheckpointError(error)
+        if cfg.enable and not cfg.load_only:
+            self.coord.run_on_rank0(self._prepare_folder, f"preparing {self.folder.root}")
+
+    def _prepare_folder(self) -> None:
+        self.folder.ensure_writable()
+        self.folder.clean_leftovers()
+
+    def close(self) -> None:
+        """Release the checkpointer's process group (saves are synchronous: nothing is in flight)."""
+        self.coord.close()
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -149,15 +173,21 @@ class CheckpointManager:
             return False
         model_only = last_step and self.cfg.last_save_model_only
         if model_only:
-            state = self._model_only_state(EXPORT_DTYPES[self.cfg.export_dtype])
+            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
+            self._write(step, lambda: self._model_only_state(dtype), kind="model_only")
         else:
-            state = {**self.model_state.state_dict(), **self.states}
-        self._write(step, state, kind="model_only" if model_only else "full")
+            self._write(step, lambda: {**self.model_state.state_dict(), **self.states}, kind="full")
         # Retention runs on rank 0 only, after every rank has returned from the save above.
-        if _is_rank0():
-            self.folder.retain_latest(self.cfg.keep_latest_k, just_saved=step)
-        self.coord.barrier()
+        self.coord.run_on_rank0(lambda: self._retain(step), "retention")
         return True
+
+    def _retain(self, step: int) -> None:
+        """Apply keep_latest_k; a failure only warns: the new step is committed whatever happens here."""
+        try:
+            self.folder.retain_latest(self.cfg.keep_latest_k, just_saved=step)
+        except OSError as e:
+            logger.warning("retention after step %d failed (%s); older steps were kept and are retried "
+                           "after the next save", step, e)
 
     def save_seed(self) -> None:
         """Write the model's initial weights (float32) as the model-only ``step-0`` of an empty folder.
@@ -165,14 +195,14 @@ class CheckpointManager:
         Raises:
             CheckpointError: the folder already holds committed steps.
         """
-        existing = self.folder.committed_steps()
+        existing = self.coord.run_on_rank0(self.folder.committed_steps, f"listing {self.folder.root}")
         if existing:
             raise CheckpointError(
                 f"--checkpoint.create_seed_checkpoint: {self.folder.root} already holds steps {existing}; "
                 "a seed checkpoint starts a new run, so point --checkpoint.folder (or --job.dump_folder) "
                 "at an empty folder"
             )
-        self._write(0, self._model_only_state(torch.float32), kind="seed")
+        self._write(0, lambda: self._model_only_state(torch.float32), kind="seed")
 
     def _model_only_state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Model tensors with floating ones cast to ``dtype`` (integer and bool tensors stay as they are)."""
@@ -181,29 +211,36 @@ class CheckpointManager:
             for k, v in self.model_state.state_dict().items()
         }
 
-    def _write(self, step: int, state: dict[str, Any], kind: str) -> None:
+    def _write(self, step: int, build_state: Callable[[], dict[str, Any]], kind: str) -> None:
         """Every rank writes its shards into the staging folder; then, only if all succeeded, rank 0 commits.
 
-        All ranks learn the outcome before returning, so either every rank returns with the step
-        committed, or every rank raises and the staging folder is gone.
+        The ranks agree three times: that the staging folder exists, that every rank built its
+        state (so that DCP's collectives line up: a rank that failed earlier would otherwise meet
+        the others inside DCP), and that every rank wrote its shards. So either every rank returns
+        with the step committed, or every rank raises and the staging folder is gone.
         """
         staging = self.folder.staging_dir(step)
-        if _is_rank0():
-            self.folder.begin(step)
-        self.coord.barrier()
+        self.coord.run_on_rank0(lambda: self.folder.begin(step), f"saving step {step}: creating {staging}")
         start = time.perf_counter()
         error: BaseException | None = None
+        state: dict[str, Any] = {}
         try:
-            planner = TiledSavePlanner(tile_if=self.column_tiled)
-            dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            # Stateful components give their state now, inside this try, not inside dcp.save.
+            state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in build_state().items()}
+        except (Exception, CheckpointException) as e:
             error = e
+        if self.coord.all_ok(error is None):
+            try:
+                planner = TiledSavePlanner(tile_if=self.column_tiled)
+                dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
+            except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                error = e
         written = self.coord.all_ok(error is None)
         failure = None  # rank 0's verdict: None when committed, else why not
         if _is_rank0():
             if not written:
                 self.folder.abort(step)
-                failure = root_cause(error) if error is not None else "another rank failed to write its shards"
+                failure = root_cause(error) if error is not None else "another rank failed to build or write its shards"
             else:
                 try:
                     self.folder.commit(step, self._manifest(step, kind, staging))
@@ -250,7 +287,7 @@ class CheckpointManager:
         if not self.cfg.enable:
             return None
         # Rank 0 looks at the folder and every rank follows it, so all ranks load the same step.
-        committed = self.coord.from_rank0(self.folder.committed_steps() if _is_rank0() else None)
+        committed = self.coord.run_on_rank0(self.folder.committed_steps, f"listing {self.folder.root}")
         if step != -1 and step not in committed:
             raise CheckpointError(
                 f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; "

@@ -43,7 +43,8 @@ class TiledSavePlanner(DefaultSavePlanner):
 
     def __init__(self, tile_if: Callable[[str], bool] | None = None, tiles: int = DEFAULT_TILES,
                  min_tile_bytes: int | None = None):
-        super().__init__()
+        # No plan caching: a cached plan would skip create_local_plan, which records the tiles.
+        super().__init__(enable_plan_caching=False)
         self.tile_if = tile_if
         self.tiles = tiles
         self.min_tile_bytes = MIN_TILE_BYTES if min_tile_bytes is None else min_tile_bytes

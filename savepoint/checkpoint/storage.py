@@ -158,9 +158,14 @@ class CheckpointFolder:
             if replaced.exists() and not target.exists():
                 os.rename(replaced, target)  # put the old step back before reporting the failure
             raise
-        fsync_dir(self.root)
-        if replaced.exists():
-            shutil.rmtree(replaced)
+        # The step is committed from here on: what follows can only warn, never report a failed save.
+        try:
+            fsync_dir(self.root)
+            if replaced.exists():
+                shutil.rmtree(replaced)
+        except OSError as e:
+            logger.warning("step-%d is committed, but tidying up after it failed (%s); "
+                           "the next start removes what is left", step, e)
         return target
 
     def abort(self, step: int) -> None:

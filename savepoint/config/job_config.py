@@ -180,7 +180,7 @@ class Comm:
     """Process-group backend: 'auto' (nccl when CUDA is available, else gloo), 'gloo' or 'nccl'."""
 
     init_timeout_seconds: int = 300
-    """Seconds to wait for every process to join the process group."""
+    """Seconds a collective of the training process group (joining it included) may wait before it fails."""
 
 
 @dataclass
