@@ -50,13 +50,17 @@ class _Coordinator:
         if self.group is not None:
             dist.barrier(group=self.group)
 
-    def all_ok(self, ok: bool) -> bool:
-        """True only if ``ok`` on every rank."""
+    def first_failure(self, error: BaseException | None) -> str | None:
+        """None if no rank has an error; else the lowest failing rank's, as 'rank R: Type: message'."""
+        mine = None if error is None else root_cause(error)
         if self.group is None:
-            return ok
-        flag = torch.tensor([int(ok)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            return mine
+        everyone: list[str | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for rank, message in enumerate(everyone):
+            if message is not None:
+                return message if message.startswith("rank ") else f"rank {rank}: {message}"
+        return None
 
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object), on every rank."""
@@ -229,34 +233,34 @@ class CheckpointManager:
             state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in build_state().items()}
         except (Exception, CheckpointException) as e:
             error = e
-        if self.coord.all_ok(error is None):
+        if self.coord.first_failure(error) is None:
             try:
                 planner = TiledSavePlanner(tile_if=self.column_tiled)
                 dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 error = e
-        written = self.coord.all_ok(error is None)
-        failure = None  # rank 0's verdict: None when committed, else why not
-        if _is_rank0():
-            if not written:
-                self.folder.abort(step)
-                failure = root_cause(error) if error is not None else "another rank failed to build or write its shards"
-            else:
-                try:
-                    self.folder.commit(step, self._manifest(step, kind, staging))
-                except (Exception, CheckpointException) as e:
-                    self.folder.abort(step)
-                    error, failure = e, root_cause(e)
-        failure = self.coord.from_rank0(failure)
+        failure = self.coord.first_failure(error)  # the same on every rank
+        if failure is None:
+            failure = self.coord.run_on_rank0(lambda: self._commit(step, kind, staging), "committing")
+        elif _is_rank0():
+            self.folder.abort(step)
         if failure is not None:
-            cause = root_cause(error) if error is not None else failure
             raise CheckpointError(
-                f"saving step {step} to {self.folder.step_dir(step)} failed ({cause}); "
+                f"saving step {step} to {self.folder.step_dir(step)} failed ({failure}); "
                 f"nothing was committed and earlier steps are intact"
             ) from error
         seconds = time.perf_counter() - start
         nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
         logger.info("saved step %d (%s) to %s: %s", step, kind, self.folder.step_dir(step), _rate(nbytes, seconds))
+
+    def _commit(self, step: int, kind: str, staging: Path) -> str | None:
+        """Rank 0: publish the step; returns None, or why it could not (the staging folder is then gone)."""
+        try:
+            self.folder.commit(step, self._manifest(step, kind, staging))
+        except (Exception, CheckpointException) as e:
+            self.folder.abort(step)
+            return f"rank 0: {root_cause(e)}"
+        return None
 
     def _manifest(self, step: int, kind: str, staging: Path) -> dict[str, Any]:
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
