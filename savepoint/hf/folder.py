@@ -1,0 +1,167 @@
+"""Hugging Face model folders: read safetensors one tensor at a time, write them shard by shard.
+
+A folder holds ``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` shards with a
+``model.safetensors.index.json`` weight map, plus ``config.json`` and tokenizer files. Reading opens
+each file's header only; a tensor's bytes are read when asked for. Writing keeps at most one shard
+of tensors in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from savepoint.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files copied from --model.hf_assets_path into an exported folder, besides the weights.
+ASSET_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.tiktoken")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class HFFolder:
+    """The tensors of an HF safetensors folder, by HF key, read lazily.
+
+    Raises:
+        CheckpointError: the path is not a folder, holds no safetensors, an index names a missing
+            file, or a file's header is corrupt (each names the file).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path} is not a folder; point at a Hugging Face model folder "
+                                  f"(holding {SINGLE} or {INDEX})")
+        files = self._files()
+        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # key -> (file, shape, dtype)
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        piece = f.get_slice(key)
+                        self.entries[key] = (file, tuple(piece.get_shape()), piece.get_dtype())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                      "re-download or re-export it") from e
+        self._open: dict[Path, object] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            files = sorted({self.path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names files that are not in {self.path}: {missing[:3]}")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path} holds no *.safetensors files: it is not a Hugging Face model folder")
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read from disk now."""
+        file = self.entries[key][0]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file].get_tensor(key)  # type: ignore[attr-defined]
+
+    def config(self) -> dict:
+        path = self.path / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {file for file, _, _ in self.entries.values()})
+
+
+class HFWriter:
+    """Writes tensors into ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes``.
+
+    ``add`` tensors in order, then ``finish``. Shards are written under temporary names and get
+    their final ``-of-N`` names once N is known. Every file is fsynced.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.detach().cpu().contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        _fsync(path)
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
+        """Name the shards, write the index and ``config.json``, copy tokenizer files; returns the shards."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        weight_map, names = {}, []
+        for i, (tmp, keys) in enumerate(self.shards, start=1):
+            name = SINGLE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(tmp, self.out_dir / name)
+            names.append(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        _write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        _write_json(self.out_dir / "config.json", config)
+        if assets is not None:
+            copy_assets(Path(assets), self.out_dir)
+        return names
+
+
+def copy_assets(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and generation files (never weights, index or config) from ``src`` to ``dst``."""
+    if not src.is_dir():
+        raise CheckpointError(f"--model.hf_assets_path={src} is not a folder; point it at the HF model folder "
+                              "holding the tokenizer files, or leave it unset")
+    copied = []
+    for pattern in ASSET_PATTERNS:
+        for file in sorted(src.glob(pattern)):
+            if file.is_file():
+                shutil.copyfile(file, dst / file.name)
+                _fsync(dst / file.name)
+                copied.append(file.name)
+    return copied
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""The Llama 3 state-dict adapter: HF ``LlamaForCausalLM`` keys and layout <-> savepoint's (TorchTitan v0.2.x).
+
+One declarative table maps keys; ``{}`` stands for the layer index. The only tensors that change
+on the way are ``wq`` and ``wk``: savepoint (like Meta's and TorchTitan's code) rotates
+interleaved pairs ``(x[2i], x[2i+1])`` in RoPE, while HF's ``rotate_half`` pairs ``(x[i], x[i+d/2])``,
+so their rows are permuted within each head (q with ``n_heads`` heads, k with ``n_kv_heads``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from typing import Any
+
+import torch
+
+from savepoint.errors import CheckpointError
+from savepoint.models.llama3.args import ModelArgs
+
+# HF key -> savepoint key.
+HF_TO_SAVEPOINT = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+SAVEPOINT_TO_HF = {ours: hf for hf, ours in HF_TO_SAVEPOINT.items()}
+# HF tensors that carry no weights (recomputed from the config): skipped, never an error.
+HF_DERIVED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _template(key: str) -> tuple[str, str | None]:
+    """``layers.3.attention.wq.weight`` -> (``layers.{}.attention.wq.weight``, ``3``)."""
+    match = _LAYER.search(key)
+    if match is None:
+        return key, None
+    return key[: match.start()] + ".{}." + key[match.end() :], match.group(1)
+
+
+def _map(key: str, table: dict[str, str], direction: str) -> str:
+    template, layer = _template(key)
+    if template not in table:
+        raise CheckpointError(f"{direction}: no mapping for tensor {key!r}; it is not part of a Llama 3 model")
+    return table[template].replace("{}", layer) if layer is not None else table[template]
+
+
+def to_hf_key(key: str) -> str:
+    return _map(key, SAVEPOINT_TO_HF, "savepoint -> Hugging Face")
+
+
+def from_hf_key(key: str) -> str | None:
+    """The savepoint key of an HF key; None for tensors HF derives from the config (``inv_freq``)."""
+    if _template(key)[0] in HF_DERIVED:
+        return None
+    return _map(key, HF_TO_SAVEPOINT, "Hugging Face -> savepoint")
+
+
+def _heads(key: str, args: ModelArgs) -> int | None:
+    """Heads to permute within, for q and k weights (savepoint keys); None for every other tensor."""
+    if key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if key.endswith("attention.wk.weight"):
+        return args.num_kv_heads
+    return None
+
+
+def _permute_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from interleaved-pair order (0,1,2,3,...) to half-split order (0,2,4,...,1,3,5,...)."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _permute_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The HF tensor for savepoint ``key`` (a new tensor for q/k, ``tensor`` itself otherwise)."""
+    heads = _heads(key, args)
+    return _permute_to_hf(tensor, heads) if heads else tensor
+
+
+def from_hf_tensor(key: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The savepoint tensor for savepoint ``key`` given its HF tensor."""
+    heads = _heads(key, args)
+    return _permute_from_hf(tensor, heads) if heads else tensor
+
+
+def savepoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every savepoint model key and its shape, from a meta-device model (no memory)."""
+    from savepoint.models.llama3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> dict[str, Any]:
+    """A ``config.json`` for ``LlamaForCausalLM`` describing ``args``."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_max_pos,
+        } if args.use_scaled_rope else None,
+        "max_position_embeddings": args.max_seq_len,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+class Llama3HFAdapter:
+    """Everything the checkpointer and the converters need to move one Llama 3 flavor to and from HF."""
+
+    def __init__(self, args: ModelArgs, flavor: str = "custom"):
+        self.args = args
+        self.flavor = flavor
+        self.shapes = savepoint_shapes(args)
+
+    def to_hf(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return to_hf_key(key), to_hf_tensor(key, tensor, self.args)
+
+    def from_hf(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The savepoint tensor for savepoint ``key`` from its HF tensor."""
+        return from_hf_tensor(key, tensor, self.args)
+
+    def config(self, dtype: torch.dtype) -> dict[str, Any]:
+        return hf_config(self.args, dtype)
+
+    def hf_sources(self, hf_keys: Collection[str], where: str, tied: bool = False) -> dict[str, str]:
+        """For each savepoint key, the HF key holding it; checks the folder's keys and shapes first.
+
+        ``tied``: the folder's config ties the output to the embedding, so a missing ``lm_head``
+        is read from ``model.embed_tokens``.
+
+        Raises:
+            CheckpointError: naming the first tensor missing, the first one that maps to nothing,
+                or the first whose shape does not fit the flavor.
+        """
+        available = set(hf_keys)
+        for key in sorted(available):
+            if from_hf_key(key) is None:
+                continue  # derived from the config (inv_freq)
+            if from_hf_key(key) not in self.shapes:
+                raise CheckpointError(f"{where}: tensor {key!r} has no place in a Llama 3 {self.flavor} model "
+                                      f"({self.args.n_layers} layers); check --model.flavor")
+        sources = {}
+        for ours in self.shapes:
+            hf = to_hf_key(ours)
+            if hf not in available and hf == LM_HEAD and tied and EMBEDDING in available:
+                hf = EMBEDDING  # tied word embeddings: the output layer is the embedding
+            if hf not in available:
+                raise CheckpointError(f"{where}: tensor {hf!r} (savepoint {ours!r}) is missing; the folder is "
+                                      f"incomplete or not a Llama 3 {self.flavor} model")
+            sources[ours] = hf
+        return sources
+
+    def check_shapes(self, shape_of: dict[str, tuple[int, ...]], sources: dict[str, str], where: str) -> None:
+        for ours, hf in sources.items():
+            if tuple(shape_of[hf]) != self.shapes[ours]:
+                raise CheckpointError(
+                    f"{where}: tensor {hf!r} has shape {list(shape_of[hf])} but the Llama 3 {self.flavor} model needs "
+                    f"{list(self.shapes[ours])} for {ours!r}; check --model.flavor"
+                )
