@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from savepoint.config.job_config import Comm
 from savepoint.config.layout import ParallelDims
@@ -65,3 +67,20 @@ def dp_rank(mesh: DeviceMesh | None, dims: ParallelDims) -> int:
     if mesh is None:
         return 0
     return mesh.get_local_rank("dp_replicate") * dims.dp_shard + mesh.get_local_rank("dp_shard")
+
+
+@torch.no_grad()
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full CPU tensor into ``target``, or into this rank's shard of it when it is a DTensor.
+
+    Every rank holds the same full tensor, so each takes its own shard without communicating. For
+    plain Shard/Replicate placements the shard is cut on the CPU, so only it reaches the device.
+    """
+    if not isinstance(target, DTensor):
+        target.copy_(full)
+    elif all(type(p) in (Shard, Replicate) for p in target.placements):
+        shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+        target.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))])
+    else:  # e.g. FSDP over TP (_StridedShard): DTensor knows how to cut it
+        shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())

@@ -50,6 +50,12 @@ def _layout(manifest: dict) -> str:
 
 
 def describe_step(step_dir: Path) -> str:
+    if not (step_dir / ".metadata").is_file():  # a Hugging Face export (last_save_in_hf)
+        from savepoint.hf.folder import HFFolder
+
+        folder = HFFolder(step_dir)
+        return (f"{step_dir}: Hugging Face safetensors export, {folder.total_bytes() / 1e6:.2f} MB, "
+                f"{len(folder.keys())} tensors (weights only)")
     metadata = FileSystemReader(str(step_dir)).read_metadata()
     groups: Counter[str] = Counter()
     for key in metadata.state_dict_metadata:

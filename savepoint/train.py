@@ -30,6 +30,7 @@ from savepoint.config import JobConfig, config_to_dict
 from savepoint.config.layout import resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
+from savepoint.hf.llama3 import Llama3HFAdapter
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer
@@ -107,6 +108,8 @@ class Trainer:
             job_config=config_to_dict(cfg),
             layout=self.dims.as_dict(),
             column_tiled=column_sharded,
+            hf_adapter=Llama3HFAdapter(LLAMA3_FLAVORS[cfg.model.flavor], cfg.model.flavor),
+            hf_assets_path=cfg.model.hf_assets_path,
         )
         self.loaded_step: int | None = None
         self._loaded = False

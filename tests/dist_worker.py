@@ -125,6 +125,28 @@ def seeded(base: Path, layout: str) -> None:
     trainer.train(stop_after=1)  # a step runs from the seed weights
 
 
+HF_FINAL = ["--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf"]
+
+
+def hf_final(base: Path) -> None:
+    """Train at FSDP(2) with the final save as a Hugging Face folder; record the final state."""
+    out = base / "hf_fsdp"
+    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS, *HF_FINAL))
+    trainer.train()
+    save(full_state(trainer)["model"], out / "final.pt")
+
+
+def hf_load(base: Path, layout: str) -> None:
+    """Start a run at ``layout`` from that HF folder (initial_load_in_hf); record the loaded weights."""
+    out = base / f"hf_to_{layout}"
+    source = base / "hf_fsdp" / "checkpoint" / "step-10"
+    trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS, "--checkpoint.initial_load_path", str(source),
+                                  "--checkpoint.initial_load_in_hf"))
+    assert trainer.load_checkpoint() == 0
+    out.mkdir(parents=True, exist_ok=True)
+    save(full_state(trainer)["model"], out / "loaded.pt")
+
+
 def make_seed(base: Path) -> None:
     """A seed checkpoint from another seed (7), so loading it visibly changes the weights."""
     Trainer(make_config(base / "seed", "--checkpoint.create_seed_checkpoint", "--training.seed", "7")
@@ -212,6 +234,10 @@ def run_scenario(base: Path, scenario: str) -> None:
     kind, _, arg = scenario.partition(":")
     if kind == "make_seed":
         make_seed(base)
+    elif kind == "hf_final":
+        hf_final(base)
+    elif kind == "hf_load":
+        hf_load(base, arg)
     elif kind == "failed_save":
         failed_save(base)
     elif kind == "failed_prepare":

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.distributed
 
 TWO = ["straight:fsdp", "straight:tp", "straight:hsdp", "resume:fsdp>fsdp", "resume:one>fsdp", "resume:one>tp",
        "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp", "resume:hsdp>tp",
-       "failed_save", "failed_prepare"]
+       "failed_save", "failed_prepare", "hf_final", "hf_load:tp"]
 FOUR = ["resume:fsdp>fsdp_tp", "seed:fsdp_tp"]
 # Losses of a resharded continuation against the same-layout one (measured: at most 9.5e-7): sums
 # in a different order (sharded matmuls, reduce-scatter) change the last bits of float32 results.
@@ -204,3 +204,28 @@ def test_dataloader_resumes_across_dp_degrees(base):
 def test_every_layout_reads_the_same_global_batches(base, layout):
     assert json.loads((base / layout / "consumed.json").read_text()) == \
         json.loads((base / "one" / "consumed.json").read_text())
+
+
+# ---------------------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_final_save_at_two_ranks_loads_in_transformers(base):
+    transformers = pytest.importorskip("transformers")
+    from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer
+
+    step10 = base / "hf_fsdp" / "checkpoint" / "step-10"
+    assert sorted(p.name for p in step10.iterdir()) == [
+        "config.json", "manifest.json", "model.safetensors", "model.safetensors.index.json"]
+    final = torch.load(base / "hf_fsdp" / "final.pt")
+    ours = Transformer(LLAMA3_FLAVORS["debugmodel"].with_max_seq_len(32))
+    ours.load_state_dict(final)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(step10), local_files_only=True)
+    tokens = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf.eval()(tokens).logits - ours.eval()(tokens)).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_initial_load_in_hf_at_tp(base):
+    assert_identical(torch.load(base / "hf_fsdp" / "final.pt"), torch.load(base / "hf_to_tp" / "loaded.pt"),
+                     "HF folder loaded at TP(2)")

@@ -18,12 +18,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
+from savepoint.distributed import copy_full_into
 from savepoint.errors import CheckpointError, NotSupportedYet, SavepointError
+from savepoint.hf.folder import HFFolder, HFWriter
+from savepoint.hf.llama3 import Llama3HFAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +119,6 @@ def reject_unsupported(cfg: CheckpointConfig) -> None:
     """
     pending = {
         "--checkpoint.async_mode": cfg.async_mode != "disabled",
-        "--checkpoint.last_save_in_hf": cfg.last_save_in_hf,
-        "--checkpoint.initial_load_in_hf": cfg.initial_load_in_hf,
     }
     for flag, is_set in pending.items():
         if is_set:
@@ -137,12 +139,24 @@ class CheckpointManager:
         layout: the resolved parallel degrees, stored in every step's manifest.
         column_tiled: which checkpoint keys the model's tensor-parallel plan shards by columns; they
             are saved as column tiles (see ``planner.py``). None tiles nothing.
+        hf_adapter: maps the model to Hugging Face keys and config, for ``last_save_in_hf`` and
+            ``initial_load_in_hf`` (needed only with those options).
+        hf_assets_path: ``--model.hf_assets_path``: tokenizer files copied into an HF export, and
+            the HF folder ``initial_load_in_hf`` reads when ``initial_load_path`` is unset.
     """
 
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, model: torch.nn.Module,
                  states: dict[str, Stateful], job_config: dict[str, Any], layout: dict[str, int] | None = None,
-                 column_tiled: Callable[[str], bool] | None = None):
+                 column_tiled: Callable[[str], bool] | None = None, hf_adapter: Llama3HFAdapter | None = None,
+                 hf_assets_path: str | None = None):
         reject_unsupported(cfg)
+        self.hf_adapter = hf_adapter
+        self.hf_assets_path = hf_assets_path
+        if cfg.enable and cfg.last_save_in_hf and hf_assets_path and not Path(hf_assets_path).is_dir():
+            raise CheckpointError(
+                f"--model.hf_assets_path={hf_assets_path} is not a folder, so the Hugging Face export at the end "
+                "(--checkpoint.last_save_in_hf) could not copy tokenizer files from it; fix the path or unset it"
+            )
         self.cfg = cfg
         self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
         self.model_state = ModelState(model)
@@ -176,7 +190,9 @@ class CheckpointManager:
         if not self.should_save(step, last_step):
             return False
         model_only = last_step and self.cfg.last_save_model_only
-        if model_only:
+        if model_only and self.cfg.last_save_in_hf:
+            self._write_hf(step, EXPORT_DTYPES[self.cfg.export_dtype])
+        elif model_only:
             dtype = EXPORT_DTYPES[self.cfg.export_dtype]
             self._write(step, lambda: self._model_only_state(dtype), kind="model_only")
         else:
@@ -253,6 +269,45 @@ class CheckpointManager:
         nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
         logger.info("saved step %d (%s) to %s: %s", step, kind, self.folder.step_dir(step), _rate(nbytes, seconds))
 
+    def _write_hf(self, step: int, dtype: torch.dtype) -> None:
+        """The final save as a Hugging Face folder: ``step-N/model*.safetensors``, index, config, tokenizer.
+
+        Tensor by tensor, every rank gathers the full tensor (a collective, so all ranks walk the
+        same keys in the same order) and rank 0 converts and writes it; the shard in memory is the
+        writer's pending shard. The commit protocol is the same as for DCP saves.
+        """
+        if self.hf_adapter is None:
+            raise CheckpointError("--checkpoint.last_save_in_hf: this model has no Hugging Face adapter")
+        staging = self.folder.staging_dir(step)
+        self.coord.run_on_rank0(lambda: self.folder.begin(step), f"saving step {step}: creating {staging}")
+        start = time.perf_counter()
+        writer = HFWriter(staging) if _is_rank0() else None
+        error: BaseException | None = None
+        for key, value in self.model_state.state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if writer is not None and error is None:
+                try:
+                    full = full.detach().to("cpu", dtype if torch.is_floating_point(full) else full.dtype)
+                    writer.add(*self.hf_adapter.to_hf(key, full))
+                except Exception as e:
+                    error = e
+        if writer is not None and error is None:
+            try:
+                writer.finish(self.hf_adapter.config(dtype), self.hf_assets_path)
+            except Exception as e:
+                error = e
+        failure = self.coord.first_failure(error)
+        if failure is None:
+            failure = self.coord.run_on_rank0(lambda: self._commit(step, "hf", staging), "committing")
+        elif _is_rank0():
+            self.folder.abort(step)
+        if failure is not None:
+            raise CheckpointError(f"saving step {step} as a Hugging Face folder to {self.folder.step_dir(step)} "
+                                  f"failed ({failure}); nothing was committed and earlier steps are intact") from error
+        nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
+        logger.info("saved step %d (Hugging Face safetensors, %s) to %s: %s", step, self.cfg.export_dtype,
+                    self.folder.step_dir(step), _rate(nbytes, time.perf_counter() - start))
+
     def _commit(self, step: int, kind: str, staging: Path) -> str | None:
         """Rank 0: publish the step; returns None, or why it could not (the staging folder is then gone)."""
         try:
@@ -268,7 +323,7 @@ class CheckpointManager:
             "format": MANIFEST_FORMAT,
             "step": step,
             "kind": kind,
-            "export_dtype": self.cfg.export_dtype if kind == "model_only" else None,
+            "export_dtype": self.cfg.export_dtype if kind in ("model_only", "hf") else None,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "layout": self.layout,
             "torch_version": torch.__version__,
@@ -299,6 +354,8 @@ class CheckpointManager:
             )
         if step == -1 and committed:
             step = committed[-1]
+        if step != -1 and self.folder.is_hf(step):
+            raise self._hf_step_error(step, committed)
         if step != -1:
             newer = [s for s in committed if s > step]
             if newer:
@@ -313,6 +370,8 @@ class CheckpointManager:
             if step == 0:
                 logger.info("step-0 is a seed checkpoint: loaded its weights, training starts at step 1")
             return step
+        if self.cfg.initial_load_in_hf:
+            return self._load_hf_initial()
         if self.cfg.initial_load_path:
             path = Path(self.cfg.initial_load_path)
             if not (path / ".metadata").is_file():
@@ -324,6 +383,40 @@ class CheckpointManager:
             return 0 if self.cfg.initial_load_model_only else self._loaded_step()
         logger.info("no checkpoint in %s: fresh start", self.folder.root)
         return None
+
+    def _hf_step_error(self, step: int, committed: list[int]) -> CheckpointError:
+        dcp_steps = [s for s in committed if s != step and not self.folder.is_hf(s)]
+        hint = (f"resume from the latest DCP step with --checkpoint.load_step {dcp_steps[-1]}, or "
+                if dcp_steps else "")
+        return CheckpointError(
+            f"{self.folder.step_dir(step)} is a Hugging Face export (the final save with "
+            f"--checkpoint.last_save_in_hf): it holds only weights, no optimizer or data position, so training "
+            f"cannot resume from it; {hint}start a new run from its weights with --checkpoint.initial_load_path "
+            f"{self.folder.step_dir(step)} --checkpoint.initial_load_in_hf and an empty --checkpoint.folder"
+        )
+
+    def _load_hf_initial(self) -> int:
+        """Load weights from an HF folder (``initial_load_path``, else ``--model.hf_assets_path``) into any layout."""
+        source = self.cfg.initial_load_path or self.hf_assets_path
+        if source is None:
+            raise CheckpointError("--checkpoint.initial_load_in_hf needs a folder: set --checkpoint.initial_load_path "
+                                  "(or --model.hf_assets_path) to a Hugging Face model folder")
+        if self.hf_adapter is None:
+            raise CheckpointError("--checkpoint.initial_load_in_hf: this model has no Hugging Face adapter")
+        start = time.perf_counter()
+        folder = HFFolder(source)
+        where = f"--checkpoint.initial_load_path={source}" if self.cfg.initial_load_path else \
+            f"--model.hf_assets_path={source}"
+        tied = bool(folder.config().get("tie_word_embeddings"))
+        sources = self.hf_adapter.hf_sources(folder.keys(), where, tied=tied)
+        self.hf_adapter.check_shapes({k: folder.shape(k) for k in folder.keys()}, sources, where)
+        model = self.model_state.model
+        for ours, hf in sources.items():
+            param = model.get_parameter(ours)
+            copy_full_into(param, self.hf_adapter.from_hf(ours, folder.read(hf)).to(param.dtype))
+        logger.info("loaded Hugging Face weights from %s (model only): %s", source,
+                    _rate(folder.total_bytes(), time.perf_counter() - start))
+        return 0
 
     def _loaded_step(self) -> int:
         train_state = self.states.get(TRAIN_STATE)

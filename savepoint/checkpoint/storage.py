@@ -103,6 +103,11 @@ class CheckpointFolder:
     def is_committed(step_dir: Path) -> bool:
         return (step_dir / DCP_MARKER).is_file() or (step_dir / HF_MARKER).is_file()
 
+    def is_hf(self, step: int) -> bool:
+        """A committed Hugging Face export (safetensors index, no DCP metadata)."""
+        step_dir = self.step_dir(step)
+        return (step_dir / HF_MARKER).is_file() and not (step_dir / DCP_MARKER).is_file()
+
     def latest_step(self) -> int | None:
         steps = self.committed_steps()
         return steps[-1] if steps else None

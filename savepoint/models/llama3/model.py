@@ -12,9 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from savepoint.distributed import copy_full_into
 from savepoint.models.llama3.args import ModelArgs
 
 
@@ -184,24 +183,8 @@ def initialize(model: Transformer, seed: int, device: torch.device | str) -> Non
         part = template.get_submodule(name).to_empty(device="cpu")
         init(part)
         for key, full in part.state_dict().items():
-            _copy_full_into(model.get_parameter(f"{name}.{key}"), full)
+            copy_full_into(model.get_parameter(f"{name}.{key}"), full)
         part.to_empty(device="meta")
-
-
-def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the full CPU tensor into ``target``, or into this rank's shard of it when it is a DTensor.
-
-    Every rank holds the same full tensor, so each takes its own shard without communicating. For
-    plain Shard/Replicate placements the shard is cut on the CPU, so only it reaches the device.
-    """
-    if not isinstance(target, DTensor):
-        target.copy_(full)
-    elif all(type(p) in (Shard, Replicate) for p in target.placements):
-        shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
-        target.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))])
-    else:  # e.g. FSDP over TP (_StridedShard): DTensor knows how to cut it
-        shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
-        target.to_local().copy_(shard.to_local())
 
 
 def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
