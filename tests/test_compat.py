@@ -118,3 +118,42 @@ def test_own_checkpoint_maps_to_itself(model, tmp_path):
     saved = FileSystemReader(str(tmp_path / "step-1")).read_metadata().state_dict_metadata
     assert detect_layout(saved) == V02
     assert saved_model_keys(model.state_dict(), saved) == {k: k for k in model.state_dict()}
+
+
+# ------------------------------------------------------------------------ through the checkpoint manager
+
+
+def test_manager_loads_a_v03_model_only_checkpoint_as_initial_load(train, tmp_path):
+    from savepoint.checkpoint.compat import save_v03_model_checkpoint
+
+    source = train(stop_after=5, dump=tmp_path / "source")
+    save_v03_model_checkpoint(source.model.state_dict(), tmp_path / "v03")
+    loaded = train("--checkpoint.initial_load_path", str(tmp_path / "v03"), dump=tmp_path / "fresh", stop_after=0)
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_manager_resumes_a_full_v03_checkpoint_bit_exactly(train, tmp_path):
+    """A full TorchTitan 0.3 checkpoint (model and optimizer under 0.3 names) resumes like our own."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from savepoint.checkpoint.compat import to_v03_key
+    from tests.conftest import losses
+
+    straight = train(dump=tmp_path / "straight")
+    train(stop_after=5, dump=tmp_path / "ours")
+    dcp_to_torch_save(tmp_path / "ours/checkpoint/step-5", tmp_path / "ours.pt")
+    ours = torch.load(tmp_path / "ours.pt", weights_only=False)
+    components = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+    v03 = {to_v03_key(k): v for k, v in ours.items() if k not in components}
+    v03["optimizer"] = {to_v03_key(k): v for k, v in ours["optimizer"].items()}
+    v03.update({k: ours[k] for k in components if k != "optimizer"})
+    assert "layers.0.attention.qkv_linear.wq.weight" in v03 and "lm_head.weight" in v03
+    dcp.save(v03, checkpoint_id=tmp_path / "v03run/checkpoint/step-5", no_dist=True)
+
+    resumed = train(dump=tmp_path / "v03run")
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "v03run")
+    assert [got[s] for s in range(6, 21)] == [expected[s] for s in range(6, 21)]
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

@@ -229,3 +229,13 @@ def test_hf_final_save_at_two_ranks_loads_in_transformers(base):
 def test_initial_load_in_hf_at_tp(base):
     assert_identical(torch.load(base / "hf_fsdp" / "final.pt"), torch.load(base / "hf_to_tp" / "loaded.pt"),
                      "HF folder loaded at TP(2)")
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_dcp_to_torch_cli_on_a_2_rank_checkpoint(base, layout):
+    """``python -m torch.distributed.checkpoint.format_utils dcp_to_torch`` consolidates the shards of 2 ranks."""
+    from tests.test_format_utils import check_dcp_to_torch
+
+    final = torch.load(base / layout / "final.pt", weights_only=True)  # gathered from the shards after step 10
+    out = check_dcp_to_torch(base / layout / "checkpoint" / "step-10", final["model"])
+    assert_identical(flatten(final["optimizer"]), flatten(out["optimizer"]), f"{layout}: optimizer via dcp_to_torch")

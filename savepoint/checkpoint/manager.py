@@ -20,8 +20,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.planner import TiledSavePlanner
-from savepoint.checkpoint.states import EXCLUDABLE, MODEL, TRAIN_STATE, ModelState
+from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
@@ -426,8 +427,14 @@ class CheckpointManager:
         saved = FileSystemReader(str(path)).read_metadata()
         saved_keys = saved.state_dict_metadata
         model_sd = self.model_state.state_dict()
-        self._check_model_fits(path, model_sd, saved_keys)
-        state: dict[str, Any] = dict(model_sd)
+        # TorchTitan 0.3 stores some tensors under new names; request each under the name it has.
+        names = saved_model_keys(model_sd, saved_keys)
+        v03 = detect_layout(saved_keys) == V03
+        if v03:
+            logger.info("%s is in TorchTitan 0.3 key layout (attention.qkv_linear.*, lm_head): loading by those names",
+                        path)
+        self._check_model_fits(path, {names[k]: t for k, t in model_sd.items()}, saved_keys)
+        state: dict[str, Any] = {names[k]: t for k, t in model_sd.items()}
         if not model_only:
             for name, component in self.states.items():
                 if name in self.cfg.exclude_from_loading:
@@ -436,6 +443,8 @@ class CheckpointManager:
                     raise self._missing_component_error(path, name, source_step)
                 if name == TRAIN_STATE:
                     component = _SavedRNGOnly(component, saved_keys)
+                if name == OPTIMIZER and v03:
+                    component = _RenamedKeys(component, to_v03_key, from_v03_key)
                 state[name] = component
         start = time.perf_counter()
         try:
@@ -474,6 +483,19 @@ class CheckpointManager:
             f"--checkpoint.last_save_model_only), which cannot resume training. Use {hint}, or "
             f"--checkpoint.exclude_from_loading {','.join(EXCLUDABLE)} to load only the weights"
         )
+
+
+class _RenamedKeys(Stateful):
+    """A Stateful whose flat keys are stored under other names (the optimizer's FQNs in TorchTitan 0.3)."""
+
+    def __init__(self, inner: Stateful, to_saved: Callable[[str], str], from_saved: Callable[[str], str]):
+        self.inner, self.to_saved, self.from_saved = inner, to_saved, from_saved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.to_saved(k): v for k, v in self.inner.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict({self.from_saved(k): v for k, v in state_dict.items()})
 
 
 class _SavedRNGOnly(Stateful):

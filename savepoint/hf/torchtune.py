@@ -1,0 +1,179 @@
+"""torchtune interop: a savepoint DCP step folder as a torchtune ``llama3`` / ``llama3_1`` state dict.
+
+What it takes (checked against torchtune 0.6.1, ``torchtune/models/convert_weights.py`` and
+``torchtune/modules/position_embeddings.py``; see tests/test_torchtune.py):
+
+* **Keys only.** savepoint's keys are Meta's Llama keys, and torchtune's ``_FROM_META`` table renames
+  them exactly as ``SAVEPOINT_TO_TORCHTUNE`` below (norm weights become ``.scale``).
+* **No q/k permutation.** torchtune's ``RotaryPositionalEmbeddings`` and ``Llama3ScaledRoPE`` rotate
+  interleaved pairs ``(x[2i], x[2i+1])``, as savepoint (and Meta) do; only HF checkpoints, whose RoPE
+  pairs ``(x[i], x[i+d/2])``, need one (torchtune's ``hf_to_tune`` applies it, ``meta_to_tune`` does not).
+* **The MLP width must be passed.** torchtune's builders derive it as ``4 * int(2 * dim / 3)`` rounded
+  up to 256, savepoint as ``int(8 * dim / 3)`` (times ``ffn_dim_multiplier``) rounded up to
+  ``multiple_of``; they differ for many sizes, so ``torchtune_builder`` always sets ``intermediate_dim``.
+* **RoPE scaling:** ``llama3_1`` exposes only ``scale_factor``; the low/high frequency factors and the
+  original context length are fixed at Llama 3.1's 1, 4 and 8192. ``use_scaled_rope=False`` maps to
+  ``llama3``.
+
+torchtune is not a dependency: only ``build_torchtune_model`` imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from savepoint.checkpoint.compat import saved_model_keys
+from savepoint.errors import CheckpointError, SavepointError
+from savepoint.models.llama3.args import ModelArgs
+
+# savepoint key -> torchtune key; ``{}`` stands for the layer index.
+SAVEPOINT_TO_TORCHTUNE = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{}.attention.wq.weight": "layers.{}.attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "layers.{}.attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "layers.{}.attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "layers.{}.attn.output_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "layers.{}.mlp.w1.weight",
+    "layers.{}.feed_forward.w2.weight": "layers.{}.mlp.w2.weight",
+    "layers.{}.feed_forward.w3.weight": "layers.{}.mlp.w3.weight",
+    "layers.{}.attention_norm.weight": "layers.{}.sa_norm.scale",
+    "layers.{}.ffn_norm.weight": "layers.{}.mlp_norm.scale",
+    "norm.weight": "norm.scale",
+    "output.weight": "output.weight",
+}
+TORCHTUNE_TO_SAVEPOINT = {tune: ours for ours, tune in SAVEPOINT_TO_TORCHTUNE.items()}
+# Llama 3.1 RoPE scaling constants that torchtune's llama3_1 builder does not expose.
+TORCHTUNE_FIXED_ROPE = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192}
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _map(key: str, table: Mapping[str, str], direction: str) -> str:
+    match = _LAYER.search(key)
+    template = key if match is None else key[: match.start()] + ".{}." + key[match.end():]
+    if template not in table:
+        raise CheckpointError(f"{direction}: no mapping for tensor {key!r}; it is not part of a Llama 3 model")
+    return table[template] if match is None else table[template].replace("{}", match.group(1))
+
+
+def to_torchtune_key(key: str) -> str:
+    """``layers.0.attention.wq.weight`` -> ``layers.0.attn.q_proj.weight``."""
+    return _map(key, SAVEPOINT_TO_TORCHTUNE, "savepoint -> torchtune")
+
+
+def from_torchtune_key(key: str) -> str:
+    """``layers.0.attn.q_proj.weight`` -> ``layers.0.attention.wq.weight``."""
+    return _map(key, TORCHTUNE_TO_SAVEPOINT, "torchtune -> savepoint")
+
+
+def to_torchtune(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A savepoint model state dict under torchtune's keys (same tensors: nothing is permuted or copied)."""
+    return {to_torchtune_key(k): v for k, v in state_dict.items()}
+
+
+def from_torchtune(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchtune Llama 3 state dict under savepoint's keys (same tensors)."""
+    return {from_torchtune_key(k): v for k, v in state_dict.items()}
+
+
+def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every savepoint model key of ``args`` and its shape, from a meta-device model (no memory)."""
+    from savepoint.models.llama3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP step folder, under savepoint's keys, in their saved dtypes.
+
+    Works on model-only and full checkpoints (only model keys are read), on checkpoints written by any
+    number of ranks, and on TorchTitan 0.3's key layout. One process, no process group.
+
+    Raises:
+        CheckpointError: the folder is not a DCP checkpoint, or lacks a tensor of ``args``' model, or
+            holds it with another shape.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step_dir = Path(step_dir)
+    if not (step_dir / ".metadata").is_file():
+        raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no .metadata); point it at a step-N folder")
+    saved = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    shapes = model_shapes(args)
+    names = saved_model_keys(shapes, saved)
+    state = {}
+    for ours, shape in shapes.items():
+        meta = saved.get(names[ours])
+        if meta is None or not hasattr(meta, "size"):
+            raise CheckpointError(f"{step_dir} has no tensor {names[ours]!r}: it was saved from a different model")
+        if tuple(meta.size) != shape:
+            raise CheckpointError(f"{step_dir}: tensor {names[ours]!r} has shape {list(meta.size)} in the checkpoint "
+                                  f"but {list(shape)} in the model these args describe")
+        state[ours] = torch.empty(shape, dtype=meta.properties.dtype)
+    dcp.load({names[k]: t for k, t in state.items()}, checkpoint_id=str(step_dir), no_dist=True)
+    return state
+
+
+def to_torchtune_state_dict(step_dir: str | Path, args: ModelArgs,
+                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a savepoint step folder (model-only or full) and return the state dict of torchtune's model.
+
+    The result loads with ``strict=True`` into ``build_torchtune_model(args)``; tensors keep their saved
+    dtype unless ``dtype`` is given (``load_state_dict`` casts into the model's dtype anyway).
+
+    Raises:
+        CheckpointError: see ``read_model_state``.
+    """
+    state = read_model_state(step_dir, args)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return to_torchtune(state)
+
+
+def torchtune_builder(args: ModelArgs, max_seq_len: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The torchtune builder (``"llama3"`` or ``"llama3_1"``, in ``torchtune.models``) and its kwargs for ``args``.
+
+    Raises:
+        SavepointError: ``args`` uses RoPE scaling constants torchtune's ``llama3_1`` cannot express.
+    """
+    kwargs: dict[str, Any] = {
+        "vocab_size": args.vocab_size,
+        "num_layers": args.n_layers,
+        "num_heads": args.n_heads,
+        "num_kv_heads": args.num_kv_heads,
+        "embed_dim": args.dim,
+        "max_seq_len": max_seq_len or args.max_seq_len,
+        "rope_base": args.rope_theta,
+        "intermediate_dim": args.ffn_hidden_dim,  # torchtune's own formula differs from ours
+        "norm_eps": args.norm_eps,
+    }
+    if not args.use_scaled_rope:
+        return "llama3", kwargs
+    fixed = {name: value for name, value in TORCHTUNE_FIXED_ROPE.items() if getattr(args, name) != value}
+    if fixed:
+        wanted = ", ".join(f"{n}={getattr(args, n)}" for n in fixed)
+        raise SavepointError(f"torchtune's llama3_1 fixes the Llama 3.1 RoPE constants {TORCHTUNE_FIXED_ROPE}; "
+                             f"this model uses {wanted}")
+    return "llama3_1", {**kwargs, "scale_factor": args.rope_scaling_factor}
+
+
+def build_torchtune_model(args: ModelArgs, max_seq_len: int | None = None) -> torch.nn.Module:
+    """torchtune's ``TransformerDecoder`` for ``args`` (needs torchtune installed; randomly initialised)."""
+    import torchtune.models.llama3
+    import torchtune.models.llama3_1
+
+    name, kwargs = torchtune_builder(args, max_seq_len)
+    module = torchtune.models.llama3_1 if name == "llama3_1" else torchtune.models.llama3
+    return getattr(module, name)(**kwargs)
+
+
+__all__ = ["SAVEPOINT_TO_TORCHTUNE", "TORCHTUNE_TO_SAVEPOINT", "build_torchtune_model", "from_torchtune",
+           "from_torchtune_key", "read_model_state", "to_torchtune", "to_torchtune_key", "to_torchtune_state_dict",
+           "torchtune_builder"]
