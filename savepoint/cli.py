@@ -3,6 +3,10 @@
     savepoint train [--section.key value ...]   train (run_train.sh launches this under torchrun)
     savepoint check [--section.key value ...]   validate a config without importing torch
     savepoint inspect FOLDER|STEP_DIR           list committed steps and what they hold
+    savepoint convert from_hf|to_hf IN OUT --model_flavor F [--hf_assets_path P] [--export_dtype D]
+                                                offline HF <-> DCP conversion
+    savepoint convert to_torchtune STEP_DIR OUT.pt --model_flavor F [--dtype D]
+                                                a step's weights as a torchtune .pt
 """
 
 from __future__ import annotations
@@ -60,7 +64,18 @@ def cmd_inspect(argv: list[str]) -> None:
     print(describe(argv[0]))
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect}
+def cmd_convert(argv: list[str]) -> None:
+    if argv and argv[0] == "to_torchtune":
+        from savepoint.hf.torchtune import main as to_torchtune
+
+        to_torchtune(argv[1:])
+        return
+    from savepoint.hf.convert import run
+
+    run(argv)
+
+
+COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,3 +125,29 @@ def test_wrong_args_and_unsupported_rope_are_clear_errors(tmp_path):
         to_torchtune_state_dict(tmp_path, ARGS)
     with pytest.raises(SavepointError, match="rope_original_max_pos=4096"):
         torchtune_builder(replace(ARGS, rope_original_max_pos=4096))
+
+
+def test_convert_to_torchtune_command(tmp_path):
+    """``savepoint convert to_torchtune`` writes a .pt that torchtune's model loads strictly."""
+    import subprocess
+    import sys
+
+    from savepoint.hf.torchtune import build_torchtune_model
+    from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
+    from tests.conftest import ROOT
+
+    args = LLAMA3_FLAVORS["debugmodel"]
+    model = build_model(args.with_max_seq_len(32), seed=3)
+    dcp.save(model.state_dict(), checkpoint_id=tmp_path / "step-0", no_dist=True)
+    cmd = [sys.executable, "-m", "savepoint", "convert", "to_torchtune", str(tmp_path / "step-0"),
+           str(tmp_path / "tune.pt"), "--model_flavor", "debugmodel"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.load_state_dict" in proc.stdout
+    tune = build_torchtune_model(args, max_seq_len=32)
+    tune.load_state_dict(torch.load(tmp_path / "tune.pt", weights_only=True), strict=True)
+    tokens = torch.randint(0, args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tune(tokens) - model(tokens)).abs().max().item() < 1e-5
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr

@@ -27,8 +27,8 @@ from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
 from savepoint.errors import CheckpointError, NotSupportedYet, SavepointError
-from savepoint.hf.folder import HFFolder, HFWriter
-from savepoint.hf.llama3 import Llama3HFAdapter
+from savepoint.hf.convert import SafetensorsReader, StreamingHFWriter
+from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
 logger = logging.getLogger(__name__)
 
@@ -282,21 +282,27 @@ class CheckpointManager:
         staging = self.folder.staging_dir(step)
         self.coord.run_on_rank0(lambda: self.folder.begin(step), f"saving step {step}: creating {staging}")
         start = time.perf_counter()
-        writer = HFWriter(staging) if _is_rank0() else None
+        model_sd = self.model_state.state_dict()
+        out_dtype = {k: dtype if torch.is_floating_point(v) else v.dtype for k, v in model_sd.items()}
+        plan = [(to_hf_key(k), tuple(v.shape), out_dtype[k]) for k, v in model_sd.items()]
+        # Streams each tensor to its shard file as it comes: memory holds one tensor, not one shard.
+        writer = StreamingHFWriter(staging, plan) if _is_rank0() else None
         error: BaseException | None = None
-        for key, value in self.model_state.state_dict().items():
+        for key, value in model_sd.items():
             full = value.full_tensor() if isinstance(value, DTensor) else value
             if writer is not None and error is None:
                 try:
-                    full = full.detach().to("cpu", dtype if torch.is_floating_point(full) else full.dtype)
-                    writer.add(*self.hf_adapter.to_hf(key, full))
+                    writer.add(*self.hf_adapter.to_hf(key, full.detach().to("cpu", out_dtype[key])))
                 except Exception as e:
                     error = e
-        if writer is not None and error is None:
+        if writer is not None:
             try:
-                writer.finish(self.hf_adapter.config(dtype), self.hf_assets_path)
+                if error is None:
+                    writer.finish(self.hf_adapter.config(dtype), self.hf_assets_path)
             except Exception as e:
                 error = e
+            finally:
+                writer.close()
         failure = self.coord.first_failure(error)
         if failure is None:
             failure = self.coord.run_on_rank0(lambda: self._commit(step, "hf", staging), "committing")
@@ -405,7 +411,7 @@ class CheckpointManager:
         if self.hf_adapter is None:
             raise CheckpointError("--checkpoint.initial_load_in_hf: this model has no Hugging Face adapter")
         start = time.perf_counter()
-        folder = HFFolder(source)
+        folder = SafetensorsReader(source)  # plain reads: nothing stays resident after each tensor
         where = f"--checkpoint.initial_load_path={source}" if self.cfg.initial_load_path else \
             f"--model.hf_assets_path={source}"
         tied = bool(folder.config().get("tie_word_embeddings"))

@@ -20,6 +20,7 @@ torchtune is not a dependency: only ``build_torchtune_model`` imports it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -177,3 +178,48 @@ def build_torchtune_model(args: ModelArgs, max_seq_len: int | None = None) -> to
 __all__ = ["SAVEPOINT_TO_TORCHTUNE", "TORCHTUNE_TO_SAVEPOINT", "build_torchtune_model", "from_torchtune",
            "from_torchtune_key", "read_model_state", "to_torchtune", "to_torchtune_key", "to_torchtune_state_dict",
            "torchtune_builder"]
+
+
+def convert_to_torchtune(step_dir: str | Path, out_file: str | Path, args: ModelArgs,
+                         dtype: torch.dtype | None = None) -> Path:
+    """Write a step folder's weights as a torchtune ``.pt`` (torchtune keys), ready for ``load_state_dict``.
+
+    The file is written under a hidden temporary name and renamed, so it appears complete or not at
+    all; an existing file is never overwritten.
+
+    Raises:
+        CheckpointError: ``out_file`` exists, or see ``read_model_state``.
+    """
+    out = Path(out_file)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new output path (it is never overwritten)")
+    state = to_torchtune_state_dict(step_dir, args, dtype)
+    partial = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, partial)
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, out)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """``savepoint convert to_torchtune STEP_DIR OUT.pt --model_flavor F [--dtype D]``."""
+    import argparse
+
+    from savepoint.models.llama3.args import LLAMA3_FLAVORS
+
+    parser = argparse.ArgumentParser(prog="savepoint convert to_torchtune",
+                                     description="Write a checkpoint step's weights as a torchtune .pt file.")
+    parser.add_argument("step_dir", help="a step-N folder (model-only or full)")
+    parser.add_argument("out_file", help="the .pt file to write (must not exist)")
+    parser.add_argument("--model_name", default="llama3", choices=["llama3"])
+    parser.add_argument("--model_flavor", required=True, choices=sorted(LLAMA3_FLAVORS))
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="cast the weights (default: as saved)")
+    ns = parser.parse_args(argv)
+    args = LLAMA3_FLAVORS[ns.model_flavor]
+    out = convert_to_torchtune(ns.step_dir, ns.out_file, args, getattr(torch, ns.dtype) if ns.dtype else None)
+    name, kwargs = torchtune_builder(args)
+    print(f"wrote {out}; in torchtune: model = torchtune.models.{name}.{name}(**{kwargs}); "
+          f"model.load_state_dict(torch.load({str(out)!r}))")

@@ -1,0 +1,790 @@
+"""Offline conversion between Hugging Face Llama 3 folders and savepoint (TorchTitan-style) DCP checkpoints.
+
+    convert_from_hf(IN, OUT, flavor)   HF safetensors folder -> model-only DCP folder (``.metadata`` +
+                                       ``__0_0.distcp``, flat model keys: load it with
+                                       ``--checkpoint.initial_load_path OUT`` or put it at ``<folder>/step-0``)
+    convert_to_hf(IN, OUT, flavor)     DCP step folder (full training or model-only checkpoint, saved at any
+                                       world size and layout) -> HF folder (weights, index, ``config.json``,
+                                       tokenizer files from ``--hf_assets_path``)
+
+Unlike TorchTitan's scripts, which build the whole model in fp32 first (about 32 GB for 8B), both
+directions move one tensor at a time, so memory stays at a few times the largest tensor:
+
+* HF -> DCP: ``dcp.save`` gets *meta* tensors (shapes and dtypes, no memory) and a planner whose
+  ``resolve_data`` reads the one tensor the writer asks for, permutes q/k and casts it. DCP's
+  ``FileSystemWriter`` resolves and writes items one after another, and keeps a reference to each in
+  a dict it only uses for safetensors output, so the planner frees a tensor's storage once the next
+  one is asked for. Tensors are read with plain file reads into fresh memory, not through the
+  safetensors mmap, whose touched pages would stay resident until the file is closed.
+* DCP -> HF: one ``dcp.load`` per tensor into a tensor of its stored shape (DCP assembles it from
+  whatever chunks and column tiles the ranks wrote). The output shards are planned up front from the
+  shapes, so each shard's header is written first and every tensor goes to disk as soon as it is
+  converted (``HFWriter`` alone holds a whole shard, up to 5 GiB, in memory). ``.metadata`` is read once.
+
+Freed heap memory is handed back to the OS after each tensor (``malloc_trim``). Measured by
+``benchmarks/convert_memory.py`` (372M parameters, largest tensor 525 MB in fp32, ``import torch``
+alone 230 MB): peak RSS 1.1 GB for bf16 HF -> fp32 DCP, 1.4 GB for fp32 DCP -> fp32 HF.
+
+Dtypes: ``convert_from_hf`` writes float32 by default, like TorchTitan: the checkpoint initialises an
+fp32 training model (``--dtype bfloat16|float16`` casts to those, ``--dtype keep`` keeps each tensor's
+stored dtype). ``convert_to_hf`` writes ``--export_dtype`` (float32 by default, as TorchTitan).
+Integer tensors are never cast.
+
+Safety: nothing is checked lazily. Keys, shapes and head counts are validated against the flavor
+before a byte is written, and an error names the first bad tensor. Output goes to a hidden sibling
+``.<name>.partial`` that is renamed to OUT only when complete (a failed or interrupted conversion
+leaves no OUT); an existing non-empty OUT is refused and never touched.
+
+The scripts ``scripts/checkpoint_conversion/convert_{from,to}_hf.py`` and ``savepoint convert`` both
+come through ``run``/``main`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import SerializationFormat
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+from savepoint.errors import CheckpointError, ConfigError, SavepointError
+from savepoint.hf.folder import DEFAULT_SHARD_BYTES, INDEX, SINGLE, HFFolder, HFWriter
+from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
+from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES = ("llama3",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
+# safetensors dtype names <-> torch dtypes.
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+_DIST_WARNING = "torch.distributed is disabled"
+
+
+# ---- flavors and dtypes ----------------------------------------------------------------------------
+
+
+def resolve_flavor(flavor: str | ModelArgs) -> tuple[str, ModelArgs]:
+    """(name, args) for a flavor name or a ``ModelArgs`` (named ``custom``).
+
+    Raises:
+        ConfigError: an unknown flavor name.
+    """
+    if isinstance(flavor, ModelArgs):
+        return "custom", flavor
+    if flavor not in LLAMA3_FLAVORS:
+        raise ConfigError([f"--model_flavor {flavor!r} is not a Llama 3 flavor; choose from "
+                           f"{', '.join(LLAMA3_FLAVORS)}"])
+    return flavor, LLAMA3_FLAVORS[flavor]
+
+
+def _dtype(name: str, option: str, keep_ok: bool = False) -> torch.dtype | None:
+    if keep_ok and name == KEEP:
+        return None
+    if name not in DTYPES:
+        choices = [*DTYPES, KEEP] if keep_ok else list(DTYPES)
+        raise ConfigError([f"{option} {name!r} is not supported; choose from {', '.join(choices)}"])
+    return DTYPES[name]
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype``; None, and integer or bool tensors, keep their dtype."""
+    if dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return stored if dtype is None or not stored.is_floating_point else dtype
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+# ---- progress --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One updating line on stderr (tensors done / total, MB, MB/s); on a non-terminal, only the final line."""
+
+    def __init__(self, label: str, total_items: int, total_bytes: int, enabled: bool = True,
+                 stream: IO[str] | None = None, interval: float = 0.1):
+        self.label, self.total_items, self.total_bytes = label, total_items, total_bytes
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.live = enabled and getattr(self.stream, "isatty", lambda: False)()
+        self.interval = interval
+        self.items = self.bytes = 0
+        self.start = self.last = time.perf_counter()
+        self.width = 0
+
+    def line(self) -> str:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        mb, total_mb = self.bytes / 1e6, self.total_bytes / 1e6
+        digits = 0 if total_mb >= 100 else 1
+        return (f"{self.label}: {self.items}/{self.total_items} tensors, {mb:,.{digits}f}/{total_mb:,.{digits}f} MB, "
+                f"{mb / seconds:,.0f} MB/s, {seconds:.1f} s")
+
+    def update(self, nbytes: int) -> None:
+        self.items += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.live and (now - self.last >= self.interval or self.items == self.total_items):
+            self.last = now
+            self._show(end="")
+
+    def _show(self, end: str) -> None:
+        text = self.line()
+        pad = " " * max(self.width - len(text), 0)
+        self.width = len(text)
+        self.stream.write(("\r" if self.live else "") + text + pad + end)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._show(end="\n")
+
+
+# ---- output folder: partial, then rename -----------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_path(out_dir: str | Path) -> Path:
+    """The hidden sibling a conversion into ``out_dir`` writes to before it renames it."""
+    out = Path(os.path.abspath(out_dir))
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output(out_dir: str | Path) -> Path:
+    """``out_dir`` as an absolute path, if a conversion may create it.
+
+    Raises:
+        CheckpointError: it is a file or a non-empty folder (left untouched).
+    """
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CheckpointError(f"output {out} exists and is not a folder; nothing was written. "
+                                  "Choose a new output folder")
+        if any(out.iterdir()):
+            raise CheckpointError(f"output folder {out} already exists and is not empty; nothing was written "
+                                  "and it was left untouched. Choose a new output folder or remove it first")
+    return out
+
+
+@contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden ``.<name>.partial`` folder; rename it to ``out_dir`` if the body succeeds.
+
+    On any failure (or interrupt) the partial folder is removed and ``out_dir`` is not created.
+
+    Raises:
+        CheckpointError: ``out_dir`` is a file or a non-empty folder, or cannot be created.
+    """
+    out = check_output(out_dir)
+    partial = partial_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by an interrupted conversion into the same folder
+        partial.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot create {partial} next to the output folder: {e.strerror or e}") from e
+    try:
+        yield partial
+        _fsync_dir(partial)
+        try:
+            os.rename(partial, out)  # replaces an empty folder; fails if one appeared with files in it
+        except OSError as e:
+            raise CheckpointError(f"cannot rename {partial} to {out}: {e.strerror or e}; {out} was left as "
+                                  "it was") from e
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS.
+
+    glibc keeps freed blocks below its mmap threshold on the heap, and that threshold rises to 32 MB
+    once a large tensor is freed, so the layers' tensors would leave a few hundred MB resident
+    (measured: +210 MB of peak RSS for a 372M-parameter model). A no-op without glibc.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _unwrap(error: BaseException, what: str) -> SavepointError:
+    """A one-line SavepointError for an error raised inside DCP (which wraps errors in CheckpointException)."""
+    inner = error
+    if isinstance(error, CheckpointException) and error.failures:
+        inner = next(iter(error.failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+    if isinstance(inner, SavepointError):
+        return inner
+    return CheckpointError(f"{what} failed: {type(inner).__name__}: {inner}")
+
+
+@contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Silence DCP's 'torch.distributed is disabled ... single process' warning: it is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DIST_WARNING)
+        yield
+
+
+# ---- HF -> DCP -------------------------------------------------------------------------------------
+
+
+class SafetensorsReader(HFFolder):
+    """``HFFolder`` that reads a tensor's bytes with plain file reads into fresh (freeable) memory.
+
+    ``HFFolder.read`` goes through the safetensors mmap, which keeps every page it touched resident
+    while the file stays open: converting a 5 GB shard would hold 5 GB of RSS.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
+
+    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
+        if file not in self._layout:
+            try:
+                with open(file, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError, struct.error) as e:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                      "re-download or re-export it") from e
+            self._layout[file] = (8 + size, header)
+        return self._layout[file]
+
+    def dtype(self, key: str) -> torch.dtype:
+        file = self.entries[key][0]
+        name = self._header(file)[1][key]["dtype"]
+        if name not in ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {name}, which savepoint cannot convert")
+        return ST_DTYPES[name]
+
+    def read(self, key: str) -> torch.Tensor:
+        file, shape, _ = self.entries[key]
+        start, header = self._header(file)
+        begin, end = header[key]["data_offsets"]
+        dtype = self.dtype(key)
+        if end - begin != _nbytes(shape, dtype):
+            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {list(shape)}; "
+                                  "the file is corrupt")
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{file} is truncated: tensor {key!r} ends past the end of the file; "
+                                          "re-download or re-export it")
+                done += got
+        return out.view(dtype).reshape(shape)
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from an HF config, old (``rope_theta`` + ``rope_scaling``) or new (``rope_parameters``)."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    if "rope_theta" in config:
+        params.setdefault("rope_theta", config["rope_theta"])
+    return params
+
+
+def check_hf_config(config: dict[str, Any], args: ModelArgs, flavor: str, where: str) -> None:
+    """Compare an HF ``config.json`` with the flavor (the tensor shapes have been checked already).
+
+    Head counts cannot be seen in every shape (``q_proj`` is ``dim x dim`` whatever the head
+    count) but the q/k permutation depends on them: a mismatch is an error. RoPE and norm settings
+    do not change the weights: a mismatch is a warning (training uses the flavor's values).
+
+    Raises:
+        CheckpointError: the config's head counts or head size differ from the flavor's.
+    """
+    if not config:
+        return
+    heads = config.get("num_attention_heads")
+    found = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads", heads),
+             "head_dim": config.get("head_dim")}  # HF: kv heads default to the query heads
+    if found["head_dim"] is None and heads and "hidden_size" in config:
+        found["head_dim"] = config["hidden_size"] // heads
+    expected = {"num_attention_heads": args.n_heads, "num_key_value_heads": args.num_kv_heads,
+                "head_dim": args.head_dim}
+    for name, want in expected.items():
+        got = found[name]
+        if got is not None and got != want:
+            raise CheckpointError(f"{where}/config.json has {name}={got} but the Llama 3 {flavor} model has {want}; "
+                                  "q/k would be permuted with the wrong head count. Check --model_flavor")
+    rope = _rope(config)
+    ours = {"rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps}
+    theirs = {"rope_theta": rope.get("rope_theta"), "rms_norm_eps": config.get("rms_norm_eps")}
+    if args.use_scaled_rope:
+        ours.update(factor=args.rope_scaling_factor, low_freq_factor=args.rope_low_freq_factor,
+                    high_freq_factor=args.rope_high_freq_factor,
+                    original_max_position_embeddings=args.rope_original_max_pos)
+    theirs.update({k: rope.get(k) for k in ours if k not in theirs})
+    differ = [f"{k} {theirs[k]} (flavor: {ours[k]})" for k in ours
+              if theirs[k] is not None and not math.isclose(float(theirs[k]), float(ours[k]))]
+    scaled = rope.get("rope_type", rope.get("type")) == "llama3"
+    if rope and scaled != args.use_scaled_rope:
+        on_off = {True: "on", False: "off"}
+        differ.append(f"llama3 rope scaling {on_off[scaled]} (flavor: {on_off[args.use_scaled_rope]})")
+    if differ:
+        logger.warning("%s/config.json differs from the Llama 3 %s flavor in %s: the weights convert unchanged, "
+                       "but savepoint trains with the flavor's values", where, flavor, "; ".join(differ))
+
+
+class _FromHFPlanner(DefaultSavePlanner):
+    """Resolves each (meta) tensor of the state dict by reading and converting it from the HF folder."""
+
+    def __init__(self, convert: Callable[[str], torch.Tensor], progress: Progress):
+        super().__init__()
+        self.convert = convert
+        self.progress = progress
+        self._last: torch.Tensor | None = None
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        self.release()
+        tensor = self.convert(write_item.index.fqn)
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # what the writer would do anyway
+        self._last = tensor
+        self.progress.update(tensor.nbytes)
+        return tensor
+
+    def release(self) -> None:
+        """Free the previous tensor: the writer has written it, but keeps a reference until the file is done."""
+        if self._last is not None:
+            try:
+                self._last.untyped_storage().resize_(0)
+            except RuntimeError:
+                pass  # a storage we cannot resize: it stays until the save ends
+            self._last = None
+            release_memory()
+
+
+def _serial_writer(path: Path) -> FileSystemWriter:
+    """A writer that resolves each item just before writing it, which ``_FromHFPlanner.release`` relies on.
+
+    ``per_thread_copy_ahead=0``: with CUDA available, DCP's default would use its overlapping loader,
+    which resolves up to 10 MB of items ahead of the write. One thread; torch.save serialization
+    (the safetensors one reads the kept references at the end of the file).
+    """
+    return FileSystemWriter(str(path), thread_count=1, per_thread_copy_ahead=0,
+                            serialization_format=SerializationFormat.TORCH_SAVE)
+
+
+def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs, dtype: str = "float32",
+                    progress: bool = True) -> Path:
+    """Convert an HF Llama 3 safetensors folder into a model-only DCP checkpoint folder ``out_dir``.
+
+    Args:
+        flavor: a ``LLAMA3_FLAVORS`` name or ``ModelArgs``; the folder must hold exactly its tensors.
+        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``keep`` (as stored in HF).
+        progress: show progress on stderr.
+
+    Returns:
+        ``out_dir`` (absolute).
+
+    Raises:
+        CheckpointError: the input is not a complete, readable HF folder of this flavor (naming the
+            first missing, unknown or misshapen tensor), or ``out_dir`` exists and is not empty.
+        ConfigError: an unknown flavor or dtype.
+    """
+    name, args = resolve_flavor(flavor)
+    target = _dtype(dtype, "--dtype", keep_ok=True)
+    adapter = Llama3HFAdapter(args, name)
+    check_output(out_dir)
+    folder = SafetensorsReader(in_dir)
+    where = str(folder.path)
+    try:
+        config = folder.config()
+    except ValueError as e:
+        raise CheckpointError(f"{where}/config.json is not valid JSON ({e})") from e
+    sources = adapter.hf_sources(folder.keys(), where, tied=bool(config.get("tie_word_embeddings", False)))
+    adapter.check_shapes({key: folder.shape(key) for key in folder.keys()}, sources, where)
+    check_hf_config(config, args, name, where)
+
+    dtypes = {ours: _target_dtype(folder.dtype(hf), target) for ours, hf in sources.items()}
+    meta = {ours: torch.empty(adapter.shapes[ours], dtype=dtypes[ours], device="meta") for ours in sources}
+    total = sum(_nbytes(adapter.shapes[ours], dtypes[ours]) for ours in sources)
+
+    def convert(ours: str) -> torch.Tensor:
+        raw = folder.read(sources[ours])
+        if dtypes[ours].itemsize < raw.dtype.itemsize:  # cast first when it shrinks, permute first when it grows
+            return adapter.from_hf(ours, _cast(raw, dtypes[ours]))
+        return _cast(adapter.from_hf(ours, raw), dtypes[ours])
+
+    bar = Progress(f"{where} -> DCP", len(meta), total, enabled=progress)
+    with staged_output(out_dir) as partial:
+        planner = _FromHFPlanner(convert, bar)
+        try:
+            with _quiet_dcp():
+                dcp.save(meta, storage_writer=_serial_writer(partial), planner=planner, no_dist=True)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise _unwrap(e, f"writing the DCP checkpoint into {partial}") from e
+        finally:
+            planner.release()
+    bar.close()
+    return Path(os.path.abspath(out_dir))
+
+
+# ---- DCP -> HF -------------------------------------------------------------------------------------
+
+
+class StreamingHFWriter(HFWriter):
+    """``HFWriter`` that writes each tensor's bytes as it is added, given all keys, shapes and dtypes up front.
+
+    Shards are cut exactly as ``HFWriter`` cuts them (a new shard when the next tensor would pass
+    ``max_shard_bytes``); each shard's safetensors header is written when it opens, so memory holds
+    no more than the tensor being added. Tensors must be added in ``plan`` order.
+    """
+
+    def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        super().__init__(out_dir, max_shard_bytes)
+        self.groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+        size = 0
+        for key, shape, dtype in plan:
+            nbytes = _nbytes(shape, dtype)
+            if not self.groups or (self.groups[-1] and size + nbytes > max_shard_bytes):
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append((key, tuple(shape), dtype))
+            size += nbytes
+        self._file: IO[bytes] | None = None
+        self._pos = 0  # next tensor within the open shard
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        group = self.groups[len(self.shards)]
+        want = group[self._pos]
+        got = (key, tuple(tensor.shape), tensor.dtype)
+        if got != want:
+            raise RuntimeError(f"StreamingHFWriter: expected {want}, got {got}")
+        if self._pos == 0:
+            self._open(group)
+        assert self._file is not None
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._pos += 1
+        self.total_bytes += data.numel()
+        if self._pos == len(group):
+            self._close(group)
+
+    def _path(self) -> Path:
+        return self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp"  # HFWriter's names: finish() renames them
+
+    def _open(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape, dtype in group:
+            nbytes = _nbytes(shape, dtype)
+            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
+        self._file = open(self._path(), "wb")  # noqa: SIM115 (closed in _close or close)
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def _close(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append((self._path(), [key for key, _, _ in group]))
+        self._pos = 0
+
+    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
+        if len(self.shards) != len(self.groups) or not self.shards:
+            raise RuntimeError(f"StreamingHFWriter: {len(self.shards)} of {len(self.groups)} shards written")
+        return super().finish(config, assets)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _is_model_key(key: str) -> bool:
+    try:
+        to_hf_key(key)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_dcp_keys(adapter: Llama3HFAdapter, saved: dict[str, Any], where: str) -> None:
+    """Check a DCP checkpoint's entries (``state_dict_metadata``) hold the flavor's model tensors.
+
+    Other entries (optimizer, lr_scheduler, dataloader, train_state) are ignored.
+
+    Raises:
+        CheckpointError: naming the first model tensor that is missing, has no place in the flavor,
+            is not a tensor, or has the wrong shape.
+    """
+    for key in sorted(saved):
+        if _is_model_key(key) and key not in adapter.shapes:
+            raise CheckpointError(f"{where}: tensor {key!r} has no place in a Llama 3 {adapter.flavor} model "
+                                  f"({adapter.args.n_layers} layers); check --model_flavor")
+    for key, shape in adapter.shapes.items():
+        entry = saved.get(key)
+        if entry is None:
+            raise CheckpointError(f"{where}: model tensor {key!r} is missing; the checkpoint is not a Llama 3 "
+                                  f"{adapter.flavor} model (or is a TorchTitan 0.3 layout)")
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{where}: {key!r} is not a tensor in the checkpoint")
+        if tuple(entry.size) != shape:
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(entry.size)} but the Llama 3 "
+                                  f"{adapter.flavor} model needs {list(shape)}; check --model_flavor")
+
+
+class _MetadataOnceReader(FileSystemReader):
+    """``FileSystemReader`` that reads ``.metadata`` once for the many one-tensor loads of a conversion.
+
+    A full checkpoint saved at many ranks with column tiles lists every chunk of every model and
+    optimizer tensor there: re-reading it for each of a model's few hundred tensors adds up.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path))
+        self._metadata: Any = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def _read_dcp_metadata(src: Path, reader: FileSystemReader) -> dict[str, Any]:
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; point at a DCP checkpoint step folder (holding .metadata)")
+    if not (src / ".metadata").is_file():
+        steps = sorted((p.name for p in src.iterdir() if re.fullmatch(r"step-\d+", p.name)),
+                       key=lambda s: int(s.split("-")[1]))
+        hint = f"; it holds {', '.join(steps)}: point at one of them" if steps else ""
+        if (src / INDEX).is_file() or (src / SINGLE).is_file():
+            hint = " (it is a Hugging Face folder already)"
+        raise CheckpointError(f"{src} has no .metadata: it is not a DCP checkpoint step folder{hint}")
+    try:
+        return dict(reader.read_metadata().state_dict_metadata)
+    except Exception as e:
+        raise CheckpointError(f"{src}/.metadata is not readable DCP metadata ({type(e).__name__}: {e})") from e
+
+
+def _token_ids(assets: Path | None) -> tuple[Any, Any]:
+    """bos/eos token ids from the assets folder's config.json, when it has one."""
+    if assets is None or not (assets / "config.json").is_file():
+        return None, None
+    try:
+        config = json.loads((assets / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{assets}/config.json is not valid JSON ({e})") from e
+    return config.get("bos_token_id"), config.get("eos_token_id")
+
+
+def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs,
+                  hf_assets_path: str | Path | None = None, export_dtype: str = "float32",
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
+    """Convert a DCP step folder into a complete HF ``LlamaForCausalLM`` folder ``out_dir``.
+
+    Args:
+        in_dir: a ``step-N`` folder: full training or model-only, any world size, chunks and tiles.
+        flavor: a ``LLAMA3_FLAVORS`` name or ``ModelArgs``.
+        hf_assets_path: a folder whose tokenizer and generation files are copied (and whose
+            ``config.json``, if any, gives the bos/eos token ids).
+        export_dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        max_shard_bytes: the most bytes per safetensors shard.
+        progress: show progress on stderr.
+
+    Returns:
+        ``out_dir`` (absolute).
+
+    Raises:
+        CheckpointError: the input is not a DCP checkpoint of this flavor (naming the first bad
+            tensor), the assets folder is missing, or ``out_dir`` exists and is not empty.
+        ConfigError: an unknown flavor or dtype.
+    """
+    name, args = resolve_flavor(flavor)
+    dtype = _dtype(export_dtype, "--export_dtype")
+    adapter = Llama3HFAdapter(args, name)
+    check_output(out_dir)
+    src = Path(os.path.abspath(in_dir))
+    reader = _MetadataOnceReader(src)
+    saved = _read_dcp_metadata(src, reader)
+    check_dcp_keys(adapter, saved, str(src))
+    assets = None if hf_assets_path is None else Path(hf_assets_path)
+    if assets is not None and not assets.is_dir():
+        raise CheckpointError(f"--hf_assets_path {assets} is not a folder; point it at the HF model folder holding "
+                              "the tokenizer files, or leave it out")
+    bos, eos = _token_ids(assets)
+
+    stored = {key: saved[key].properties.dtype for key in adapter.shapes}
+    plan = [(to_hf_key(key), shape, _target_dtype(stored[key], dtype)) for key, shape in adapter.shapes.items()]
+    bar = Progress(f"{src} -> HF", len(plan), sum(_nbytes(s, d) for _, s, d in plan), enabled=progress)
+    with staged_output(out_dir) as partial:
+        writer = StreamingHFWriter(partial, plan, max_shard_bytes)
+        try:
+            for (hf_key, shape, target), key in zip(plan, adapter.shapes, strict=True):
+                # DCP copies what it reads into this tensor, casting as Tensor.to would: no second copy to cast.
+                tensor = torch.empty(shape, dtype=target)
+                try:
+                    with _quiet_dcp():
+                        dcp.load({key: tensor}, storage_reader=reader, no_dist=True)
+                except (Exception, CheckpointException) as e:
+                    raise _unwrap(e, f"reading {key!r} from {src}") from e
+                out = adapter.to_hf(key, tensor)[1]
+                del tensor
+                writer.add(hf_key, out)
+                bar.update(out.nbytes)
+                del out
+                release_memory()
+            writer.finish(hf_config(args, dtype, bos_token_id=bos, eos_token_id=eos), assets=assets)
+        finally:
+            writer.close()
+    bar.close()
+    return Path(os.path.abspath(out_dir))
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``5GB`` (10^9), ``4GiB`` (2^30), ``500MB`` or a plain integer."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 4GiB")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard must hold at least one byte")
+    return int(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError([f"{message} (see {self.prog} --help)"])
+
+
+def build_parser(direction: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of one direction, as in TorchTitan's ``scripts/checkpoint_conversion``."""
+    if direction == "from_hf":
+        parser = _Parser(prog=prog or "savepoint convert from_hf",
+                         description="Convert a Hugging Face Llama 3 folder into a model-only DCP checkpoint.")
+        parser.add_argument("input_dir", help="HF model folder (model.safetensors or shards + index)")
+        parser.add_argument("output_dir", help="new DCP checkpoint folder (must not exist or be empty)")
+    else:
+        parser = _Parser(prog=prog or "savepoint convert to_hf",
+                         description="Convert a DCP checkpoint step folder into a Hugging Face Llama 3 folder.")
+        parser.add_argument("input_dir", help="DCP step folder (full or model-only checkpoint)")
+        parser.add_argument("output_dir", help="new HF folder (must not exist or be empty)")
+        parser.add_argument("--hf_assets_path", default=None,
+                            help="folder with tokenizer files to copy (e.g. the original HF model folder)")
+    parser.add_argument("--model_name", default="llama3", choices=MODEL_NAMES)
+    parser.add_argument("--model_flavor", default="8B", help=f"one of {', '.join(LLAMA3_FLAVORS)} (default 8B)")
+    if direction == "from_hf":
+        parser.add_argument("--dtype", default="float32", choices=[*DTYPES, KEEP],
+                            help="dtype of the DCP tensors (default float32, for training; keep: as stored in HF)")
+    else:
+        parser.add_argument("--export_dtype", default="float32", choices=list(DTYPES))
+        parser.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_SHARD_BYTES,
+                            help="the most bytes per safetensors shard, e.g. 5GB or 4GiB (default 5GiB)")
+    return parser
+
+
+def run(argv: list[str], prog: str | None = None) -> Path:
+    """``from_hf|to_hf IN OUT [options]``: parse and convert; returns the output folder.
+
+    Raises:
+        SavepointError: bad arguments or a failed conversion (one line each).
+    """
+    if not argv or argv[0] not in ("from_hf", "to_hf"):
+        if argv and argv[0] in ("-h", "--help"):
+            print("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]\n"
+                  "       savepoint convert from_hf --help | to_hf --help")
+            raise SystemExit(0)
+        raise SavepointError("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]")
+    direction = argv[0]
+    ns = build_parser(direction, prog).parse_args(argv[1:])
+    try:
+        if direction == "from_hf":
+            out = convert_from_hf(ns.input_dir, ns.output_dir, ns.model_flavor, dtype=ns.dtype)
+        else:
+            out = convert_to_hf(ns.input_dir, ns.output_dir, ns.model_flavor, hf_assets_path=ns.hf_assets_path,
+                                export_dtype=ns.export_dtype, max_shard_bytes=ns.max_shard_size)
+    except CheckpointError as e:
+        # The adapter's messages name the training flag; here the flag is --model_flavor.
+        raise CheckpointError(str(e).replace("--model.flavor", "--model_flavor")) from e
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run a conversion; on failure print one ``error: ...`` line on stderr and return 1.
+
+    With ``SAVEPOINT_DEBUG`` set, errors raise with their traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(argv, prog)
+    except SavepointError as e:
+        if os.environ.get("SAVEPOINT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0

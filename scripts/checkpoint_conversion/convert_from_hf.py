@@ -1,0 +1,19 @@
+"""Convert a Hugging Face Llama 3 folder into a model-only DCP checkpoint (TorchTitan's script, same arguments).
+
+    python scripts/checkpoint_conversion/convert_from_hf.py INPUT_DIR OUTPUT_DIR \\
+        --model_name llama3 --model_flavor 8B [--dtype float32|bfloat16|float16|keep]
+
+The output (``.metadata`` + ``__0_0.distcp``, float32 by default) is what
+``--checkpoint.initial_load_path`` loads, or put it at ``<checkpoint folder>/step-0``. Runs from any
+directory; see ``savepoint/hf/convert.py``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from savepoint.hf.convert import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["from_hf", *sys.argv[1:]], prog=Path(__file__).name))

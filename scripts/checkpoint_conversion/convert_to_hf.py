@@ -1,0 +1,20 @@
+"""Convert a DCP checkpoint step folder into a Hugging Face Llama 3 folder (TorchTitan's script, same arguments).
+
+    python scripts/checkpoint_conversion/convert_to_hf.py INPUT_DIR OUTPUT_DIR \\
+        --hf_assets_path ./assets/hf/Llama-3.1-8B --model_name llama3 --model_flavor 8B \\
+        [--export_dtype float32|bfloat16|float16] [--max_shard_size 5GB]
+
+INPUT_DIR is a ``step-N`` folder, full training or model-only, saved at any world size. The output
+holds the weights, ``model.safetensors.index.json``, ``config.json`` and the tokenizer files of
+``--hf_assets_path``. Runs from any directory; see ``savepoint/hf/convert.py``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from savepoint.hf.convert import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["to_hf", *sys.argv[1:]], prog=Path(__file__).name))
