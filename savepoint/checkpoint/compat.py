@@ -20,11 +20,12 @@ read off its ``.metadata`` keys (``detect_layout``); nothing here touches tensor
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import torch
+
+from savepoint.hf.llama3 import layer_template
 
 V02 = "v0.2"
 V03 = "v0.3"
@@ -41,15 +42,6 @@ FROM_V03 = {v03: ours for ours, v03 in V03_RENAMES.items()}
 # Prefixes under which the flattened optimizer state repeats a parameter FQN (with and without the
 # top-level "optimizer." that DCP's flattening adds), e.g. optimizer.state.<fqn>.exp_avg.
 OPTIMIZER_PREFIXES = ("optimizer.state.", "optimizer.param_groups.", "state.", "param_groups.")
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def _template(key: str) -> tuple[str, str | None]:
-    """``layers.3.attention.wq.weight.exp_avg`` -> (``layers.{}.attention.wq.weight.exp_avg``, ``3``)."""
-    match = _LAYER.search(key)
-    if match is None:
-        return key, None
-    return key[: match.start()] + ".{}." + key[match.end():], match.group(1)
 
 
 def _rename_fqn(fqn: str, table: Mapping[str, str], allow_suffix: bool) -> str | None:
@@ -57,7 +49,7 @@ def _rename_fqn(fqn: str, table: Mapping[str, str], allow_suffix: bool) -> str |
 
     With ``allow_suffix``, the table's FQN may be followed by ``.<anything>`` (optimizer entry names).
     """
-    template, layer = _template(fqn)
+    template, layer = layer_template(fqn)
     for old, new in table.items():
         if template == old or (allow_suffix and template.startswith(old + ".")):
             renamed = new + template[len(old):]

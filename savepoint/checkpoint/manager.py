@@ -27,7 +27,7 @@ from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
 from savepoint.errors import CheckpointError, NotSupportedYet, SavepointError
-from savepoint.hf.convert import SafetensorsReader, StreamingHFWriter
+from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
 logger = logging.getLogger(__name__)

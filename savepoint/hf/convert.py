@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 import time
 import warnings
@@ -66,8 +65,16 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from savepoint.checkpoint.storage import fsync_dir
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
-from savepoint.hf.folder import DEFAULT_SHARD_BYTES, INDEX, SINGLE, HFFolder, HFWriter
+from savepoint.hf.folder import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    SINGLE,
+    SafetensorsReader,
+    StreamingHFWriter,
+    nbytes_of,
+)
 from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 
@@ -77,12 +84,6 @@ MODEL_NAMES = ("llama3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
 # safetensors dtype names <-> torch dtypes.
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 _DIST_WARNING = "torch.distributed is disabled"
 
 
@@ -123,8 +124,7 @@ def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     return stored if dtype is None or not stored.is_floating_point else dtype
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
+
 
 
 # ---- progress --------------------------------------------------------------------------------------
@@ -174,14 +174,6 @@ class Progress:
 # ---- output folder: partial, then rename -----------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def partial_path(out_dir: str | Path) -> Path:
     """The hidden sibling a conversion into ``out_dir`` writes to before it renames it."""
     out = Path(os.path.abspath(out_dir))
@@ -225,13 +217,13 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
         raise CheckpointError(f"cannot create {partial} next to the output folder: {e.strerror or e}") from e
     try:
         yield partial
-        _fsync_dir(partial)
+        fsync_dir(partial)
         try:
             os.rename(partial, out)  # replaces an empty folder; fails if one appeared with files in it
         except OSError as e:
             raise CheckpointError(f"cannot rename {partial} to {out}: {e.strerror or e}; {out} was left as "
                                   "it was") from e
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -280,56 +272,7 @@ def _quiet_dcp() -> Iterator[None]:
 # ---- HF -> DCP -------------------------------------------------------------------------------------
 
 
-class SafetensorsReader(HFFolder):
-    """``HFFolder`` that reads a tensor's bytes with plain file reads into fresh (freeable) memory.
 
-    ``HFFolder.read`` goes through the safetensors mmap, which keeps every page it touched resident
-    while the file stays open: converting a 5 GB shard would hold 5 GB of RSS.
-    """
-
-    def __init__(self, path: str | Path):
-        super().__init__(path)
-        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
-
-    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
-        if file not in self._layout:
-            try:
-                with open(file, "rb") as f:
-                    (size,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(size))
-            except (OSError, ValueError, struct.error) as e:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
-                                      "re-download or re-export it") from e
-            self._layout[file] = (8 + size, header)
-        return self._layout[file]
-
-    def dtype(self, key: str) -> torch.dtype:
-        file = self.entries[key][0]
-        name = self._header(file)[1][key]["dtype"]
-        if name not in ST_DTYPES:
-            raise CheckpointError(f"{file}: tensor {key!r} has dtype {name}, which savepoint cannot convert")
-        return ST_DTYPES[name]
-
-    def read(self, key: str) -> torch.Tensor:
-        file, shape, _ = self.entries[key]
-        start, header = self._header(file)
-        begin, end = header[key]["data_offsets"]
-        dtype = self.dtype(key)
-        if end - begin != _nbytes(shape, dtype):
-            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {list(shape)}; "
-                                  "the file is corrupt")
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(out.numpy())
-        with open(file, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            done = 0
-            while done < len(view):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"{file} is truncated: tensor {key!r} ends past the end of the file; "
-                                          "re-download or re-export it")
-                done += got
-        return out.view(dtype).reshape(shape)
 
 
 def _rope(config: dict[str, Any]) -> dict[str, Any]:
@@ -459,7 +402,7 @@ def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | Model
 
     dtypes = {ours: _target_dtype(folder.dtype(hf), target) for ours, hf in sources.items()}
     meta = {ours: torch.empty(adapter.shapes[ours], dtype=dtypes[ours], device="meta") for ours in sources}
-    total = sum(_nbytes(adapter.shapes[ours], dtypes[ours]) for ours in sources)
+    total = sum(nbytes_of(adapter.shapes[ours], dtypes[ours]) for ours in sources)
 
     def convert(ours: str) -> torch.Tensor:
         raw = folder.read(sources[ours])
@@ -484,78 +427,7 @@ def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | Model
 # ---- DCP -> HF -------------------------------------------------------------------------------------
 
 
-class StreamingHFWriter(HFWriter):
-    """``HFWriter`` that writes each tensor's bytes as it is added, given all keys, shapes and dtypes up front.
 
-    Shards are cut exactly as ``HFWriter`` cuts them (a new shard when the next tensor would pass
-    ``max_shard_bytes``); each shard's safetensors header is written when it opens, so memory holds
-    no more than the tensor being added. Tensors must be added in ``plan`` order.
-    """
-
-    def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        super().__init__(out_dir, max_shard_bytes)
-        self.groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
-        size = 0
-        for key, shape, dtype in plan:
-            nbytes = _nbytes(shape, dtype)
-            if not self.groups or (self.groups[-1] and size + nbytes > max_shard_bytes):
-                self.groups.append([])
-                size = 0
-            self.groups[-1].append((key, tuple(shape), dtype))
-            size += nbytes
-        self._file: IO[bytes] | None = None
-        self._pos = 0  # next tensor within the open shard
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        group = self.groups[len(self.shards)]
-        want = group[self._pos]
-        got = (key, tuple(tensor.shape), tensor.dtype)
-        if got != want:
-            raise RuntimeError(f"StreamingHFWriter: expected {want}, got {got}")
-        if self._pos == 0:
-            self._open(group)
-        assert self._file is not None
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._pos += 1
-        self.total_bytes += data.numel()
-        if self._pos == len(group):
-            self._close(group)
-
-    def _path(self) -> Path:
-        return self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp"  # HFWriter's names: finish() renames them
-
-    def _open(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key, shape, dtype in group:
-            nbytes = _nbytes(shape, dtype)
-            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
-        self._file = open(self._path(), "wb")  # noqa: SIM115 (closed in _close or close)
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-
-    def _close(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        self.shards.append((self._path(), [key for key, _, _ in group]))
-        self._pos = 0
-
-    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
-        if len(self.shards) != len(self.groups) or not self.shards:
-            raise RuntimeError(f"StreamingHFWriter: {len(self.shards)} of {len(self.groups)} shards written")
-        return super().finish(config, assets)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _is_model_key(key: str) -> bool:
@@ -673,7 +545,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
 
     stored = {key: saved[key].properties.dtype for key in adapter.shapes}
     plan = [(to_hf_key(key), shape, _target_dtype(stored[key], dtype)) for key, shape in adapter.shapes.items()]
-    bar = Progress(f"{src} -> HF", len(plan), sum(_nbytes(s, d) for _, s, d in plan), enabled=progress)
+    bar = Progress(f"{src} -> HF", len(plan), sum(nbytes_of(s, d) for _, s, d in plan), enabled=progress)
     with staged_output(out_dir) as partial:
         writer = StreamingHFWriter(partial, plan, max_shard_bytes)
         try:

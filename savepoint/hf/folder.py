@@ -9,9 +9,12 @@ of tensors in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +27,12 @@ SINGLE = "model.safetensors"
 # Files copied from --model.hf_assets_path into an exported folder, besides the weights.
 ASSET_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.tiktoken")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 class HFFolder:
@@ -137,6 +146,136 @@ class HFWriter:
         if assets is not None:
             copy_assets(Path(assets), self.out_dir)
         return names
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+class SafetensorsReader(HFFolder):
+    """``HFFolder`` that reads a tensor's bytes with plain file reads into fresh (freeable) memory.
+
+    ``HFFolder.read`` goes through the safetensors mmap, which keeps every page it touched resident
+    while the file stays open: converting a 5 GB shard would hold 5 GB of RSS.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
+
+    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
+        if file not in self._layout:
+            try:
+                with open(file, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError, struct.error) as e:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                      "re-download or re-export it") from e
+            self._layout[file] = (8 + size, header)
+        return self._layout[file]
+
+    def dtype(self, key: str) -> torch.dtype:
+        file = self.entries[key][0]
+        name = self._header(file)[1][key]["dtype"]
+        if name not in ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {name}, which savepoint cannot convert")
+        return ST_DTYPES[name]
+
+    def read(self, key: str) -> torch.Tensor:
+        file, shape, _ = self.entries[key]
+        start, header = self._header(file)
+        begin, end = header[key]["data_offsets"]
+        dtype = self.dtype(key)
+        if end - begin != nbytes_of(shape, dtype):
+            raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {list(shape)}; "
+                                  "the file is corrupt")
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{file} is truncated: tensor {key!r} ends past the end of the file; "
+                                          "re-download or re-export it")
+                done += got
+        return out.view(dtype).reshape(shape)
+
+
+class StreamingHFWriter(HFWriter):
+    """``HFWriter`` that writes each tensor's bytes as it is added, given all keys, shapes and dtypes up front.
+
+    Shards are cut exactly as ``HFWriter`` cuts them (a new shard when the next tensor would pass
+    ``max_shard_bytes``); each shard's safetensors header is written when it opens, so memory holds
+    no more than the tensor being added. Tensors must be added in ``plan`` order.
+    """
+
+    def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        super().__init__(out_dir, max_shard_bytes)
+        self.groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+        size = 0
+        for key, shape, dtype in plan:
+            nbytes = nbytes_of(shape, dtype)
+            if not self.groups or (self.groups[-1] and size + nbytes > max_shard_bytes):
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append((key, tuple(shape), dtype))
+            size += nbytes
+        self._file: IO[bytes] | None = None
+        self._pos = 0  # next tensor within the open shard
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        group = self.groups[len(self.shards)]
+        want = group[self._pos]
+        got = (key, tuple(tensor.shape), tensor.dtype)
+        if got != want:
+            raise RuntimeError(f"StreamingHFWriter: expected {want}, got {got}")
+        if self._pos == 0:
+            self._open(group)
+        assert self._file is not None
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._pos += 1
+        self.total_bytes += data.numel()
+        if self._pos == len(group):
+            self._close(group)
+
+    def _path(self) -> Path:
+        return self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp"  # HFWriter's names: finish() renames them
+
+    def _open(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape, dtype in group:
+            nbytes = nbytes_of(shape, dtype)
+            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
+        self._file = open(self._path(), "wb")  # noqa: SIM115 (closed in _close or close)
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def _close(self, group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append((self._path(), [key for key, _, _ in group]))
+        self._pos = 0
+
+    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
+        if len(self.shards) != len(self.groups) or not self.shards:
+            raise RuntimeError(f"StreamingHFWriter: {len(self.shards)} of {len(self.groups)} shards written")
+        return super().finish(config, assets)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def copy_assets(src: Path, dst: Path) -> list[str]:

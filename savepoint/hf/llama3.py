@@ -39,7 +39,7 @@ EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _template(key: str) -> tuple[str, str | None]:
+def layer_template(key: str) -> tuple[str, str | None]:
     """``layers.3.attention.wq.weight`` -> (``layers.{}.attention.wq.weight``, ``3``)."""
     match = _LAYER.search(key)
     if match is None:
@@ -47,22 +47,23 @@ def _template(key: str) -> tuple[str, str | None]:
     return key[: match.start()] + ".{}." + key[match.end() :], match.group(1)
 
 
-def _map(key: str, table: dict[str, str], direction: str) -> str:
-    template, layer = _template(key)
+def map_key(key: str, table: dict[str, str], direction: str) -> str:
+    """``key`` renamed by a ``{}``-templated table; an unmapped key is an error naming it."""
+    template, layer = layer_template(key)
     if template not in table:
         raise CheckpointError(f"{direction}: no mapping for tensor {key!r}; it is not part of a Llama 3 model")
     return table[template].replace("{}", layer) if layer is not None else table[template]
 
 
 def to_hf_key(key: str) -> str:
-    return _map(key, SAVEPOINT_TO_HF, "savepoint -> Hugging Face")
+    return map_key(key, SAVEPOINT_TO_HF, "savepoint -> Hugging Face")
 
 
 def from_hf_key(key: str) -> str | None:
     """The savepoint key of an HF key; None for tensors HF derives from the config (``inv_freq``)."""
-    if _template(key)[0] in HF_DERIVED:
+    if layer_template(key)[0] in HF_DERIVED:
         return None
-    return _map(key, HF_TO_SAVEPOINT, "Hugging Face -> savepoint")
+    return map_key(key, HF_TO_SAVEPOINT, "Hugging Face -> savepoint")
 
 
 def _heads(key: str, args: ModelArgs) -> int | None:

@@ -21,7 +21,6 @@ torchtune is not a dependency: only ``build_torchtune_model`` imports it.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 
 from savepoint.checkpoint.compat import saved_model_keys
 from savepoint.errors import CheckpointError, SavepointError
+from savepoint.hf.llama3 import map_key
 from savepoint.models.llama3.args import ModelArgs
 
 # savepoint key -> torchtune key; ``{}`` stands for the layer index.
@@ -50,25 +50,16 @@ SAVEPOINT_TO_TORCHTUNE = {
 TORCHTUNE_TO_SAVEPOINT = {tune: ours for ours, tune in SAVEPOINT_TO_TORCHTUNE.items()}
 # Llama 3.1 RoPE scaling constants that torchtune's llama3_1 builder does not expose.
 TORCHTUNE_FIXED_ROPE = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_pos": 8192}
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def _map(key: str, table: Mapping[str, str], direction: str) -> str:
-    match = _LAYER.search(key)
-    template = key if match is None else key[: match.start()] + ".{}." + key[match.end():]
-    if template not in table:
-        raise CheckpointError(f"{direction}: no mapping for tensor {key!r}; it is not part of a Llama 3 model")
-    return table[template] if match is None else table[template].replace("{}", match.group(1))
 
 
 def to_torchtune_key(key: str) -> str:
     """``layers.0.attention.wq.weight`` -> ``layers.0.attn.q_proj.weight``."""
-    return _map(key, SAVEPOINT_TO_TORCHTUNE, "savepoint -> torchtune")
+    return map_key(key, SAVEPOINT_TO_TORCHTUNE, "savepoint -> torchtune")
 
 
 def from_torchtune_key(key: str) -> str:
     """``layers.0.attn.q_proj.weight`` -> ``layers.0.attention.wq.weight``."""
-    return _map(key, TORCHTUNE_TO_SAVEPOINT, "torchtune -> savepoint")
+    return map_key(key, TORCHTUNE_TO_SAVEPOINT, "torchtune -> savepoint")
 
 
 def to_torchtune(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
