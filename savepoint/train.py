@@ -135,6 +135,7 @@ class Trainer:
         loss.backward()
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        self.checkpointer.wait_for_staging()  # an async save must finish copying before parameters change
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,6 +166,7 @@ class Trainer:
                     self.train_state.step, steps, self.device, self.dims.describe())
         last = steps if stop_after is None else min(steps, stop_after)
         while self.train_state.step < last:
+            self.checkpointer.poll()  # commits a finished async save, or raises its error
             self.train_state.step += 1
             step = self.train_state.step
             start = time.perf_counter()

@@ -50,6 +50,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def full_model(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The whole model, unsharded. Leaves the optimizer alone: asking a fresh optimizer for its state
+    dict makes torch initialise it with a zero step, which would change the run."""
+    return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def full_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
     """The whole model and flattened optimizer state, unsharded, on every rank (saved by rank 0)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
@@ -96,10 +102,18 @@ def straight(base: Path, layout: str) -> None:
     out = base / layout
     trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
     out.mkdir(parents=True, exist_ok=True)
-    save(full_state(trainer)["model"], out / "init.pt")
+    save(full_model(trainer), out / "init.pt")
     record_consumption(trainer, out)
     trainer.train()
     save(full_state(trainer), out / "final.pt")
+
+
+def straight_async(base: Path, mode: str) -> None:
+    """The FSDP(2) run of ``straight`` with async saves; closing the checkpointer commits the last one."""
+    out = base / f"{mode}_fsdp"
+    trainer = Trainer(make_config(out, *LAYOUTS["fsdp"], *STEPS, "--checkpoint.async_mode", mode))
+    trainer.train(stop_after=9)
+    trainer.checkpointer.close()
 
 
 def resume(base: Path, source: str, layout: str) -> None:
@@ -121,7 +135,7 @@ def seeded(base: Path, layout: str) -> None:
     trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
     assert trainer.load_checkpoint() == 0
     out.mkdir(parents=True, exist_ok=True)
-    save(full_state(trainer)["model"], out / "loaded.pt")
+    save(full_model(trainer), out / "loaded.pt")
     trainer.train(stop_after=1)  # a step runs from the seed weights
 
 
@@ -144,7 +158,7 @@ def hf_load(base: Path, layout: str) -> None:
                                   "--checkpoint.initial_load_in_hf"))
     assert trainer.load_checkpoint() == 0
     out.mkdir(parents=True, exist_ok=True)
-    save(full_state(trainer)["model"], out / "loaded.pt")
+    save(full_model(trainer), out / "loaded.pt")
 
 
 def make_seed(base: Path) -> None:
@@ -234,6 +248,8 @@ def run_scenario(base: Path, scenario: str) -> None:
     kind, _, arg = scenario.partition(":")
     if kind == "make_seed":
         make_seed(base)
+    elif kind == "async":
+        straight_async(base, arg)
     elif kind == "hf_final":
         hf_final(base)
     elif kind == "hf_load":

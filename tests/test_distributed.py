@@ -24,7 +24,8 @@ pytestmark = pytest.mark.distributed
 
 TWO = ["straight:fsdp", "straight:tp", "straight:hsdp", "resume:fsdp>fsdp", "resume:one>fsdp", "resume:one>tp",
        "resume:fsdp>tp", "resume:tp>fsdp", "resume:tp>tp", "seed:fsdp", "seed:tp", "seed:hsdp", "resume:hsdp>tp",
-       "failed_save", "failed_prepare", "hf_final", "hf_load:tp"]
+       "failed_save", "failed_prepare", "hf_final", "hf_load:tp",
+       "async:async", "async:async_with_pinned_mem"]
 FOUR = ["resume:fsdp>fsdp_tp", "seed:fsdp_tp"]
 # Losses of a resharded continuation against the same-layout one (measured: at most 9.5e-7): sums
 # in a different order (sharded matmuls, reduce-scatter) change the last bits of float32 results.
@@ -239,3 +240,13 @@ def test_dcp_to_torch_cli_on_a_2_rank_checkpoint(base, layout):
     final = torch.load(base / layout / "final.pt", weights_only=True)  # gathered from the shards after step 10
     out = check_dcp_to_torch(base / layout / "checkpoint" / "step-10", final["model"])
     assert_identical(flatten(final["optimizer"]), flatten(out["optimizer"]), f"{layout}: optimizer via dcp_to_torch")
+
+
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_async_saves_at_two_ranks_equal_sync_saves(base, mode):
+    """At 2 ranks; async_with_pinned_mem writes from a background process here (torchrun gives it a group)."""
+    step5 = base / f"{mode}_fsdp" / "checkpoint" / "step-5"
+    assert sorted(p.name for p in step5.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert_identical(saved_tensors(base / "fsdp" / "checkpoint" / "step-5", base), saved_tensors(step5, base),
+                     f"{mode} step 5 vs sync step 5")
+    assert not list((base / f"{mode}_fsdp" / "checkpoint").glob(".step-*"))

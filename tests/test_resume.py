@@ -170,10 +170,7 @@ def test_unsupported_options_fail_loudly(tmp_path):
     from savepoint.train import Trainer
     from tests.conftest import make_config
 
-    for flag in (["--checkpoint.async_mode", "async"],
-                 ["--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only"],
-                 ["--checkpoint.initial_load_in_hf"],
-                 ["--parallelism.pipeline_parallel_degree", "2"],
+    for flag in (["--parallelism.pipeline_parallel_degree", "2"],
                  ["--parallelism.context_parallel_degree", "2"]):
         with pytest.raises(NotSupportedYet, match="not supported yet"):
             Trainer(make_config(tmp_path, *flag))

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.planner import TiledSavePlanner
+from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
@@ -54,6 +55,14 @@ class _Coordinator:
     def barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+
+    def all_true(self, value: bool) -> bool:
+        """True only if ``value`` on every rank."""
+        if self.group is None:
+            return value
+        flag = torch.tensor([int(value)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
     def first_failure(self, error: BaseException | None) -> str | None:
         """None if no rank has an error; else the lowest failing rank's, as 'rank R: Type: message'."""
@@ -100,6 +109,10 @@ class _Coordinator:
             self.group = None
 
 
+def _tile_nothing(key: str) -> bool:
+    return False
+
+
 def root_cause(error: BaseException) -> str:
     """One line for an error; for DCP's CheckpointException, the first failing rank's own error."""
     if isinstance(error, CheckpointException) and error.failures:
@@ -118,9 +131,7 @@ def reject_unsupported(cfg: CheckpointConfig) -> None:
     Raises:
         NotSupportedYet: one of those options is set.
     """
-    pending = {
-        "--checkpoint.async_mode": cfg.async_mode != "disabled",
-    }
+    pending: dict[str, bool] = {}
     for flag, is_set in pending.items():
         if is_set:
             raise NotSupportedYet(
@@ -164,8 +175,9 @@ class CheckpointManager:
         self.states = states
         self.job_config = job_config
         self.layout = layout or {"world_size": dist.get_world_size() if dist.is_initialized() else 1}
-        self.column_tiled = column_tiled or (lambda key: False)
+        self.column_tiled = column_tiled or _tile_nothing  # a module function: the planner may be pickled
         self.coord = _Coordinator()
+        self.saver = AsyncSaver(cfg.async_mode) if cfg.enable and cfg.async_mode != "disabled" else None
         if cfg.enable and not cfg.load_only:
             self.coord.run_on_rank0(self._prepare_folder, f"preparing {self.folder.root}")
 
@@ -174,8 +186,38 @@ class CheckpointManager:
         self.folder.clean_leftovers()
 
     def close(self) -> None:
-        """Release the checkpointer's process group (saves are synchronous: nothing is in flight)."""
+        """Wait for (and commit) a save in flight, then release the checkpointer's process groups."""
+        self.finish_inflight()
+        if self.saver is not None:
+            self.saver.close()
         self.coord.close()
+
+    # ---- async saves ---------------------------------------------------------------------------
+
+    def wait_for_staging(self) -> None:
+        """Call right before ``optimizer.step()``: returns once an async save has copied the state."""
+        if self.saver is not None:
+            self.saver.wait_for_staging()
+
+    def poll(self) -> None:
+        """Commit a finished async save (every rank finished writing), or raise its error; never blocks.
+
+        Call once per step: a background failure surfaces at the next step.
+        """
+        if self.saver is None or self.saver.inflight is None:
+            return
+        if self.coord.all_true(self.saver.done()):
+            self.finish_inflight()
+
+    def finish_inflight(self) -> None:
+        """Wait until the async save in flight is written on every rank, then commit it (or raise)."""
+        if self.saver is None or self.saver.inflight is None:
+            return
+        inflight = self.saver.inflight
+        error = self.saver.wait()
+        self.saver.inflight = None
+        self._finish(inflight.step, inflight.kind, inflight.staging_dir, error, inflight.started, "async ")
+        self.coord.run_on_rank0(lambda: self._retain(inflight.step), "retention")
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -190,6 +232,10 @@ class CheckpointManager:
         """Save ``step`` if the interval, first-step or last-step rule asks for it; returns whether it did."""
         if not self.should_save(step, last_step):
             return False
+        self.finish_inflight()  # at most one save in flight; its error, if any, surfaces here
+        if self.saver is not None and not last_step:  # the final save is synchronous
+            self._write(step, lambda: {**self.model_state.state_dict(), **self.states}, kind="full", background=True)
+            return True
         model_only = last_step and self.cfg.last_save_model_only
         if model_only and self.cfg.last_save_in_hf:
             self._write_hf(step, EXPORT_DTYPES[self.cfg.export_dtype])
@@ -232,7 +278,8 @@ class CheckpointManager:
             for k, v in self.model_state.state_dict().items()
         }
 
-    def _write(self, step: int, build_state: Callable[[], dict[str, Any]], kind: str) -> None:
+    def _write(self, step: int, build_state: Callable[[], dict[str, Any]], kind: str,
+               background: bool = False) -> None:
         """Every rank writes its shards into the staging folder; then, only if all succeeded, rank 0 commits.
 
         The ranks agree three times: that the staging folder exists, that every rank built its
@@ -253,9 +300,18 @@ class CheckpointManager:
         if self.coord.first_failure(error) is None:
             try:
                 planner = TiledSavePlanner(tile_if=self.column_tiled)
+                if background:
+                    assert self.saver is not None
+                    self.saver.start(step, kind, staging, state, planner)
+                    return  # committed by finish_inflight once every rank has written
                 dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 error = e
+        self._finish(step, kind, staging, error, start)
+
+    def _finish(self, step: int, kind: str, staging: Path, error: BaseException | None, start: float,
+                how: str = "") -> None:
+        """Agree on the write's outcome; commit on rank 0 if every rank succeeded, else remove the staging folder."""
         failure = self.coord.first_failure(error)  # the same on every rank
         if failure is None:
             failure = self.coord.run_on_rank0(lambda: self._commit(step, kind, staging), "committing")
@@ -263,12 +319,13 @@ class CheckpointManager:
             self.folder.abort(step)
         if failure is not None:
             raise CheckpointError(
-                f"saving step {step} to {self.folder.step_dir(step)} failed ({failure}); "
+                f"{how}saving step {step} to {self.folder.step_dir(step)} failed ({failure}); "
                 f"nothing was committed and earlier steps are intact"
             ) from error
         seconds = time.perf_counter() - start
         nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
-        logger.info("saved step %d (%s) to %s: %s", step, kind, self.folder.step_dir(step), _rate(nbytes, seconds))
+        logger.info("saved step %d (%s%s) to %s: %s", step, how, kind, self.folder.step_dir(step),
+                    _rate(nbytes, seconds))
 
     def _write_hf(self, step: int, dtype: torch.dtype) -> None:
         """The final save as a Hugging Face folder: ``step-N/model*.safetensors``, index, config, tokenizer.
