@@ -57,6 +57,18 @@ def _rename_fqn(fqn: str, table: Mapping[str, str], allow_suffix: bool) -> str |
     return None
 
 
+def _rename_key(key: str, table: Mapping[str, str]) -> str:
+    """``key`` renamed by ``table``: a model key, or an optimizer key that embeds one; else unchanged."""
+    renamed = _rename_fqn(key, table, allow_suffix=False)
+    if renamed is not None:
+        return renamed
+    for prefix in OPTIMIZER_PREFIXES:
+        if key.startswith(prefix):
+            renamed = _rename_fqn(key[len(prefix):], table, allow_suffix=True)
+            return key if renamed is None else prefix + renamed
+    return key
+
+
 def to_v03_key(key: str) -> str:
     """The TorchTitan 0.3 name of a savepoint checkpoint key; keys 0.3 did not rename come back unchanged.
 
@@ -64,26 +76,12 @@ def to_v03_key(key: str) -> str:
     embed them, with or without the top-level ``optimizer.`` (``optimizer.state.output.weight.exp_avg``,
     ``param_groups.layers.0.attention.wk.weight.lr``).
     """
-    renamed = _rename_fqn(key, V03_RENAMES, allow_suffix=False)
-    if renamed is not None:
-        return renamed
-    for prefix in OPTIMIZER_PREFIXES:
-        if key.startswith(prefix):
-            renamed = _rename_fqn(key[len(prefix):], V03_RENAMES, allow_suffix=True)
-            return key if renamed is None else prefix + renamed
-    return key
+    return _rename_key(key, V03_RENAMES)
 
 
 def from_v03_key(key: str) -> str:
     """Inverse of ``to_v03_key``: the savepoint name of a TorchTitan 0.3 checkpoint key."""
-    renamed = _rename_fqn(key, FROM_V03, allow_suffix=False)
-    if renamed is not None:
-        return renamed
-    for prefix in OPTIMIZER_PREFIXES:
-        if key.startswith(prefix):
-            renamed = _rename_fqn(key[len(prefix):], FROM_V03, allow_suffix=True)
-            return key if renamed is None else prefix + renamed
-    return key
+    return _rename_key(key, FROM_V03)
 
 
 def _has_renamed_model_key(keys: Iterable[str], table: Mapping[str, str]) -> bool:

@@ -21,13 +21,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
+from savepoint.checkpoint.coordination import Coordinator, is_rank0, root_cause
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
-from savepoint.errors import CheckpointError, NotSupportedYet, SavepointError
+from savepoint.errors import CheckpointError, NotSupportedYet
 from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
@@ -37,88 +38,8 @@ MANIFEST_FORMAT = "savepoint.step/1"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-class _Coordinator:
-    """Barriers and agreement among the ranks of one job, on a gloo group of their own.
-
-    The commit protocol needs every rank to reach the same verdict (written, committed, failed),
-    so that no rank goes on while another saw the step fail. A dedicated gloo group keeps these
-    small collectives off the training group (nccl on GPU) and works for CPU and CUDA jobs alike.
-    """
-
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
-
-    def all_true(self, value: bool) -> bool:
-        """True only if ``value`` on every rank."""
-        if self.group is None:
-            return value
-        flag = torch.tensor([int(value)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
-
-    def first_failure(self, error: BaseException | None) -> str | None:
-        """None if no rank has an error; else the lowest failing rank's, as 'rank R: Type: message'."""
-        mine = None if error is None else root_cause(error)
-        if self.group is None:
-            return mine
-        everyone: list[str | None] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, mine, group=self.group)
-        for rank, message in enumerate(everyone):
-            if message is not None:
-                return message if message.startswith("rank ") else f"rank {rank}: {message}"
-        return None
-
-    def from_rank0(self, value: Any) -> Any:
-        """Rank 0's ``value`` (any picklable object), on every rank."""
-        if self.group is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def run_on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run ``fn`` on rank 0 only; every rank gets its result, or raises the same CheckpointError.
-
-        Other ranks wait in a collective meanwhile, so an error rank 0 kept to itself would hang
-        them: every error is caught and shared.
-        """
-        outcome: tuple[bool, Any] = (True, None)
-        if _is_rank0():
-            try:
-                outcome = (True, fn())
-            except SavepointError as e:
-                outcome = (False, str(e))
-            except (Exception, CheckpointException) as e:
-                outcome = (False, f"{what} failed: {root_cause(e)}")
-        ok, value = self.from_rank0(outcome)
-        if not ok:
-            raise CheckpointError(value)
-        return value
-
-    def close(self) -> None:
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
-
-
 def _tile_nothing(key: str) -> bool:
     return False
-
-
-def root_cause(error: BaseException) -> str:
-    """One line for an error; for DCP's CheckpointException, the first failing rank's own error."""
-    if isinstance(error, CheckpointException) and error.failures:
-        rank, (inner, _trace) = next(iter(error.failures.items()))
-        return f"rank {rank}: {type(inner).__name__}: {inner}"
-    return f"{type(error).__name__}: {error}"
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -176,7 +97,7 @@ class CheckpointManager:
         self.job_config = job_config
         self.layout = layout or {"world_size": dist.get_world_size() if dist.is_initialized() else 1}
         self.column_tiled = column_tiled or _tile_nothing  # a module function: the planner may be pickled
-        self.coord = _Coordinator()
+        self.coord = Coordinator()
         self.saver = AsyncSaver(cfg.async_mode) if cfg.enable and cfg.async_mode != "disabled" else None
         if cfg.enable and not cfg.load_only:
             self.coord.run_on_rank0(self._prepare_folder, f"preparing {self.folder.root}")
@@ -315,7 +236,7 @@ class CheckpointManager:
         failure = self.coord.first_failure(error)  # the same on every rank
         if failure is None:
             failure = self.coord.run_on_rank0(lambda: self._commit(step, kind, staging), "committing")
-        elif _is_rank0():
+        elif is_rank0():
             self.folder.abort(step)
         if failure is not None:
             raise CheckpointError(
@@ -323,7 +244,7 @@ class CheckpointManager:
                 f"nothing was committed and earlier steps are intact"
             ) from error
         seconds = time.perf_counter() - start
-        nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
+        nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
         logger.info("saved step %d (%s%s) to %s: %s", step, how, kind, self.folder.step_dir(step),
                     _rate(nbytes, seconds))
 
@@ -343,7 +264,7 @@ class CheckpointManager:
         out_dtype = {k: dtype if torch.is_floating_point(v) else v.dtype for k, v in model_sd.items()}
         plan = [(to_hf_key(k), tuple(v.shape), out_dtype[k]) for k, v in model_sd.items()]
         # Streams each tensor to its shard file as it comes: memory holds one tensor, not one shard.
-        writer = StreamingHFWriter(staging, plan) if _is_rank0() else None
+        writer = StreamingHFWriter(staging, plan) if is_rank0() else None
         error: BaseException | None = None
         for key, value in model_sd.items():
             full = value.full_tensor() if isinstance(value, DTensor) else value
@@ -363,12 +284,12 @@ class CheckpointManager:
         failure = self.coord.first_failure(error)
         if failure is None:
             failure = self.coord.run_on_rank0(lambda: self._commit(step, "hf", staging), "committing")
-        elif _is_rank0():
+        elif is_rank0():
             self.folder.abort(step)
         if failure is not None:
             raise CheckpointError(f"saving step {step} as a Hugging Face folder to {self.folder.step_dir(step)} "
                                   f"failed ({failure}); nothing was committed and earlier steps are intact") from error
-        nbytes = folder_bytes(self.folder.step_dir(step)) if _is_rank0() else 0
+        nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
         logger.info("saved step %d (Hugging Face safetensors, %s) to %s: %s", step, self.cfg.export_dtype,
                     self.folder.step_dir(step), _rate(nbytes, time.perf_counter() - start))
 
