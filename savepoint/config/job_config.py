@@ -152,6 +152,12 @@ class Checkpoint:
     load_only: bool = False
     """Load checkpoints but never save."""
 
+    fail_on_corruption: bool = False
+    """A corrupt latest step stops auto-resume with an error, instead of falling back to the previous step."""
+
+    preemption_grace_seconds: float = 60.0
+    """After SIGTERM: finish the step, commit a checkpoint and exit 0; give up (exit 1) after this many seconds."""
+
 
 @dataclass
 class Parallelism:
