@@ -3,6 +3,7 @@
     savepoint train [--section.key value ...]   train (run_train.sh launches this under torchrun)
     savepoint check [--section.key value ...]   validate a config without importing torch
     savepoint inspect FOLDER|STEP_DIR           list committed steps and what they hold
+    savepoint verify FOLDER|STEP_DIR            check every file against the checksums saved with it
     savepoint convert from_hf|to_hf IN OUT --model_flavor F [--hf_assets_path P] [--export_dtype D]
                                                 offline HF <-> DCP conversion
     savepoint convert to_torchtune STEP_DIR OUT.pt --model_flavor F [--dtype D]
@@ -64,6 +65,34 @@ def cmd_inspect(argv: list[str]) -> None:
     print(describe(argv[0]))
 
 
+def cmd_verify(argv: list[str]) -> None:
+    """Verify each step; prints one line per step and fails (exit 1) if any is damaged."""
+    from savepoint.checkpoint.integrity import step_dirs, verify_step
+
+    if len(argv) != 1:
+        raise SavepointError("usage: savepoint verify FOLDER|STEP_DIR")
+    steps = step_dirs(argv[0])
+    if not steps:
+        raise SavepointError(f"{argv[0]} holds no step-N folder to verify")
+    bad = []
+    for step_dir in steps:
+        report = verify_step(step_dir)
+        if report.ok:
+            how = f"checksums match ({report.checked_bytes / 1e6:.1f} MB read)" if report.verified else \
+                "structure OK, no checksums to check"
+            print(f"{step_dir}: OK, {how}")
+        else:
+            bad.append(step_dir)
+            print(f"{step_dir}: CORRUPT: {report.problems[0]}")
+            for problem in report.problems[1:]:
+                print(f"  also: {problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
+    if bad:
+        raise SavepointError(f"{len(bad)} of {len(steps)} step(s) failed verification: "
+                             f"{', '.join(p.name for p in bad)}")
+
+
 def cmd_convert(argv: list[str]) -> None:
     if argv and argv[0] == "to_torchtune":
         from savepoint.hf.torchtune import main as to_torchtune
@@ -75,7 +104,7 @@ def cmd_convert(argv: list[str]) -> None:
     run(argv)
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -30,6 +36,7 @@ from savepoint.config import JobConfig, config_to_dict
 from savepoint.config.layout import resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
+from savepoint.errors import CheckpointError
 from savepoint.hf.llama3 import Llama3HFAdapter
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
@@ -67,6 +74,60 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
+
+
+class Preemption:
+    """SIGTERM during training: note it, so the loop stops after the step; enforce the grace period.
+
+    A context manager: it installs its handler on entry (main thread only) and puts the old one
+    back on exit. From the first SIGTERM, a timer runs for ``grace_seconds``; if the job is still
+    saving when it fires, it logs an error and ends the process with status 1 (the main thread may
+    be blocked in I/O or a collective, so only ``os._exit`` is sure to end it). The commit
+    protocol keeps an unfinished save invisible; the next start removes its leftovers.
+    """
+
+    def __init__(self, grace_seconds: float):
+        self.grace_seconds = grace_seconds
+        self.requested = False
+        self.step: int | None = None  # the step training was at, for the timeout message
+        self._timer: threading.Timer | None = None
+        self._previous: object = None
+        self._installed = False
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
+            self._installed = False
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            logger.warning("SIGTERM again: ignored, the preemption checkpoint is still being written")
+            return
+        self.requested = True
+        logger.warning("SIGTERM: finishing the current step, then saving a checkpoint and exiting "
+                       "(--checkpoint.preemption_grace_seconds=%g)", self.grace_seconds)
+        self._timer = threading.Timer(self.grace_seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        where = f" at step {self.step}" if self.step is not None else ""
+        logger.error("preempted%s: no checkpoint committed within --checkpoint.preemption_grace_seconds=%g of "
+                     "SIGTERM; exiting with status 1. Nothing partial is visible (the latest committed step is "
+                     "unchanged) and the next start removes the unfinished save; raise "
+                     "--checkpoint.preemption_grace_seconds if the scheduler allows more time",
+                     where, self.grace_seconds)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
 
 
 class Trainer:
@@ -157,6 +218,10 @@ class Trainer:
         ``stop_after`` ends the run early at that step, as a crash or preemption would, while the
         schedule still spans ``training.steps`` (used by resume tests and tools).
         """
+        with Preemption(self.cfg.checkpoint.preemption_grace_seconds) as preemption:
+            self._train(stop_after, preemption)
+
+    def _train(self, stop_after: int | None, preemption: Preemption) -> None:
         loaded = self.load_checkpoint()
         steps = self.cfg.training.steps
         if loaded is not None and self.train_state.step >= steps:
@@ -165,8 +230,14 @@ class Trainer:
         logger.info("training %s (%s) from step %d to %d on %s, %s", self.cfg.model.name, self.cfg.model.flavor,
                     self.train_state.step, steps, self.device, self.dims.describe())
         last = steps if stop_after is None else min(steps, stop_after)
+        saved = self.train_state.step if loaded is not None else None  # the newest step this run has saved
         while self.train_state.step < last:
-            self.checkpointer.poll()  # commits a finished async save, or raises its error
+            preemption.step = self.train_state.step
+            # One collective: commits a finished async save, and tells whether any rank got SIGTERM.
+            stop = self._periodic(lambda: self.checkpointer.poll(preemption.requested))
+            if stop:
+                self._save_for_preemption(self.train_state.step, saved)
+                return
             self.train_state.step += 1
             step = self.train_state.step
             start = time.perf_counter()
@@ -174,8 +245,46 @@ class Trainer:
             elapsed = time.perf_counter() - start
             record["tokens_per_second"] = self.dataloader.local_batch_size * self.cfg.training.seq_len / elapsed
             self.metrics.maybe_log(step, step == steps, record)
-            self.checkpointer.save(step, last_step=(step == steps))
+            if step == steps:  # the final save: a failure ends the run with an error
+                self._periodic(self.checkpointer.finish_inflight)  # an earlier save's failure is not the final's
+                if self.checkpointer.save(step, last_step=True):
+                    saved = step
+            elif self._periodic(lambda: self.checkpointer.save(step)):
+                saved = step
         logger.info("stopped at step %d", self.train_state.step)
+
+    @staticmethod
+    def _periodic(save: Callable[[], object]) -> object:
+        """Run a periodic save (or the poll that surfaces one); on failure log it and go on training.
+
+        The commit protocol already removed the failed step and kept the older ones; stopping would
+        only lose the training done since the last committed step.
+        """
+        try:
+            return save()
+        except CheckpointError as e:
+            logger.error("%s; training continues and the next save retries", e)
+            return None
+
+    def _save_for_preemption(self, step: int, saved: int | None) -> None:
+        """Every rank agreed to stop after ``step``: commit it (unless just saved) and return."""
+        ckpt = self.checkpointer
+        if not ckpt.cfg.enable or ckpt.cfg.load_only:
+            flag = "--checkpoint.load_only is set" if ckpt.cfg.enable else "--checkpoint.enable is off"
+            logger.warning("preempted at step %d: nothing was saved (%s); a restart begins from scratch",
+                           step, flag)
+            return
+        try:
+            ckpt.finish_inflight()  # the save in flight is committed (if it was this step's, that is all)
+        except CheckpointError as e:
+            logger.error("%s; saving step %d again, synchronously", e, step)
+            saved = None
+        if saved != step:
+            if step == 0:
+                logger.warning("preempted before the first step: nothing to save")
+                return
+            ckpt.save_now(step)
+        logger.info("preempted at step %d: checkpoint step-%d committed", step, step)
 
 
 def run(cfg: JobConfig) -> None:

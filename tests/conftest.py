@@ -44,7 +44,13 @@ def train(tmp_path):
 
     def run(*overrides: str, dump: Path | None = None, stop_after: int | None = None):
         trainer = Trainer(make_config(dump or tmp_path / "run", *overrides))
-        trainer.train(stop_after=stop_after)
+        try:
+            trainer.train(stop_after=stop_after)
+        finally:
+            # The next job on this folder may start now (as close() would allow), while the trainer
+            # stays open for the test to inspect.
+            if trainer.checkpointer.lock is not None:
+                trainer.checkpointer.lock.release()
         return trainer
 
     return run

@@ -202,7 +202,7 @@ def failed_save(base: Path) -> None:
     if rank0():
         (out / "result.json").write_text(json.dumps({
             "errors": errors,
-            "entries": sorted(p.name for p in (out / "checkpoint").iterdir()),
+            "entries": sorted(p.name for p in (out / "checkpoint").iterdir() if p.name != ".savepoint.lock"),
             "step4_unchanged": before == {p.name: p.read_bytes() for p in step4.iterdir()},
         }))
 
@@ -237,7 +237,8 @@ def failed_prepare(base: Path) -> None:
             optimizer_state.state_dict, ckpt.folder.begin = original_state, original_begin
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-        results[case] = {"errors": errors, "entries": sorted(p.name for p in (out / "checkpoint").iterdir())}
+        results[case] = {"errors": errors, "entries": sorted(p.name for p in (out / "checkpoint").iterdir()
+                                                            if p.name != ".savepoint.lock")}
     trainer.train(stop_after=6)  # the ranks are still in step with each other: training goes on
     results["trained_to"] = trainer.train_state.step
     if rank0():

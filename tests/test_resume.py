@@ -217,4 +217,5 @@ def test_seed_checkpoint_refuses_a_folder_with_steps(train, tmp_path):
     trainer = Trainer(make_config(tmp_path / "run", "--checkpoint.create_seed_checkpoint"))
     with pytest.raises(CheckpointError, match=r"already holds steps \[5\].*empty folder"):
         trainer.create_seed_checkpoint()
+    trainer.checkpointer.close()  # releases the folder lock (and removes its file)
     assert sorted(p.name for p in (tmp_path / "run/checkpoint").iterdir()) == before

@@ -44,6 +44,18 @@ class Coordinator:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
+    def any_true(self, value: bool) -> bool:
+        """True if ``value`` on some rank."""
+        return self.all_and_any(True, value)[1]
+
+    def all_and_any(self, all_value: bool, any_value: bool) -> tuple[bool, bool]:
+        """(``all_value`` on every rank, ``any_value`` on some rank), in one collective."""
+        if self.group is None:
+            return all_value, any_value
+        flags = torch.tensor([int(not all_value), int(any_value)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return not flags[0].item(), bool(flags[1].item())
+
     def first_failure(self, error: BaseException | None) -> str | None:
         """None if no rank has an error; else the lowest failing rank's, as 'rank R: Type: message'."""
         mine = None if error is None else root_cause(error)

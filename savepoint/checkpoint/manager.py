@@ -15,17 +15,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.coordination import Coordinator, is_rank0, root_cause
+from savepoint.checkpoint.lock import FolderLock
+from savepoint.checkpoint.integrity import (
+    CorruptCheckpointError,
+    HashingWriter,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    VerifyingReader,
+    collect_checksums,
+    manifest_bytes,
+)
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
-from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
+from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
 from savepoint.errors import CheckpointError, NotSupportedYet
@@ -99,19 +108,26 @@ class CheckpointManager:
         self.column_tiled = column_tiled or _tile_nothing  # a module function: the planner may be pickled
         self.coord = Coordinator()
         self.saver = AsyncSaver(cfg.async_mode) if cfg.enable and cfg.async_mode != "disabled" else None
+        self.lock: FolderLock | None = None  # rank 0's one-writer-per-folder lock, held until close()
         if cfg.enable and not cfg.load_only:
             self.coord.run_on_rank0(self._prepare_folder, f"preparing {self.folder.root}")
 
     def _prepare_folder(self) -> None:
         self.folder.ensure_writable()
+        self.lock = FolderLock(self.folder.root)
+        self.lock.acquire()  # before cleaning: another job's unfinished save is not a leftover
         self.folder.clean_leftovers()
 
     def close(self) -> None:
-        """Wait for (and commit) a save in flight, then release the checkpointer's process groups."""
-        self.finish_inflight()
-        if self.saver is not None:
-            self.saver.close()
-        self.coord.close()
+        """Wait for (and commit) a save in flight, then release the checkpointer's process groups and folder lock."""
+        try:
+            self.finish_inflight()
+            if self.saver is not None:
+                self.saver.close()
+            self.coord.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # ---- async saves ---------------------------------------------------------------------------
 
@@ -120,15 +136,18 @@ class CheckpointManager:
         if self.saver is not None:
             self.saver.wait_for_staging()
 
-    def poll(self) -> None:
+    def poll(self, stop_requested: bool = False) -> bool:
         """Commit a finished async save (every rank finished writing), or raise its error; never blocks.
 
-        Call once per step: a background failure surfaces at the next step.
+        Call once per step: a background failure surfaces at the next step. Returns whether some
+        rank passed ``stop_requested`` (it got SIGTERM), the same on every rank: one collective
+        carries both verdicts.
         """
-        if self.saver is None or self.saver.inflight is None:
-            return
-        if self.coord.all_true(self.saver.done()):
+        inflight = self.saver is not None and self.saver.inflight is not None
+        done, stop = self.coord.all_and_any(not inflight or self.saver.done(), stop_requested)
+        if inflight and done:
             self.finish_inflight()
+        return stop
 
     def finish_inflight(self) -> None:
         """Wait until the async save in flight is written on every rank, then commit it (or raise)."""
@@ -168,6 +187,16 @@ class CheckpointManager:
         # Retention runs on rank 0 only, after every rank has returned from the save above.
         self.coord.run_on_rank0(lambda: self._retain(step), "retention")
         return True
+
+    def save_now(self, step: int) -> None:
+        """Save ``step`` in full and synchronously, whatever the interval (preemption), after the save in flight.
+
+        Raises:
+            CheckpointError: the save in flight or this one failed.
+        """
+        self.finish_inflight()
+        self._write(step, lambda: {**self.model_state.state_dict(), **self.states}, kind="full")
+        self.coord.run_on_rank0(lambda: self._retain(step), "retention")
 
     def _retain(self, step: int) -> None:
         """Apply keep_latest_k; a failure only warns: the new step is committed whatever happens here."""
@@ -223,9 +252,10 @@ class CheckpointManager:
                 planner = TiledSavePlanner(tile_if=self.column_tiled)
                 if background:
                     assert self.saver is not None
-                    self.saver.start(step, kind, staging, state, planner)
+                    self.saver.start(step, kind, staging, state, planner, HashingWriter(staging))
                     return  # committed by finish_inflight once every rank has written
-                dcp.save(state, checkpoint_id=staging, planner=planner, process_group=self.coord.group)
+                dcp.save(state, storage_writer=HashingWriter(staging), planner=planner,
+                         process_group=self.coord.group)
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 error = e
         self._finish(step, kind, staging, error, start)
@@ -242,6 +272,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{how}saving step {step} to {self.folder.step_dir(step)} failed ({failure}); "
                 f"nothing was committed and earlier steps are intact"
+                f"{disk_full_hint(failure, self.folder.root, self.cfg.keep_latest_k)}"
             ) from error
         seconds = time.perf_counter() - start
         nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
@@ -288,7 +319,8 @@ class CheckpointManager:
             self.folder.abort(step)
         if failure is not None:
             raise CheckpointError(f"saving step {step} as a Hugging Face folder to {self.folder.step_dir(step)} "
-                                  f"failed ({failure}); nothing was committed and earlier steps are intact") from error
+                                  f"failed ({failure}); nothing was committed and earlier steps are intact"
+                                  f"{disk_full_hint(failure, self.folder.root, self.cfg.keep_latest_k)}") from error
         nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
         logger.info("saved step %d (Hugging Face safetensors, %s) to %s: %s", step, self.cfg.export_dtype,
                     self.folder.step_dir(step), _rate(nbytes, time.perf_counter() - start))
@@ -296,13 +328,14 @@ class CheckpointManager:
     def _commit(self, step: int, kind: str, staging: Path) -> str | None:
         """Rank 0: publish the step; returns None, or why it could not (the staging folder is then gone)."""
         try:
-            self.folder.commit(step, self._manifest(step, kind, staging))
+            self.folder.commit(step, manifest_bytes(self._manifest(step, kind, staging)))
         except (Exception, CheckpointException) as e:
             self.folder.abort(step)
             return f"rank 0: {root_cause(e)}"
         return None
 
     def _manifest(self, step: int, kind: str, staging: Path) -> dict[str, Any]:
+        checksums = collect_checksums(staging)  # first: it removes the writers' sidecars
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
         return {
             "format": MANIFEST_FORMAT,
@@ -314,6 +347,7 @@ class CheckpointManager:
             "torch_version": torch.__version__,
             "created_unix": time.time(),
             "files": files,
+            "checksums": checksums,
             "job_config": self.job_config,
         }
 
@@ -337,24 +371,19 @@ class CheckpointManager:
                 f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; "
                 f"committed steps: {committed or 'none'}"
             )
-        if step == -1 and committed:
-            step = committed[-1]
-        if step != -1 and self.folder.is_hf(step):
-            raise self._hf_step_error(step, committed)
         if step != -1:
-            newer = [s for s in committed if s > step]
-            if newer:
-                logger.warning("loading step %d while newer steps %s exist from an earlier run; they are "
-                               "replaced as training reaches them, until then auto-resume would pick them",
-                               step, newer)
-            if self.cfg.initial_load_path:
-                logger.info("skipping --checkpoint.initial_load_path=%s: resuming from %s",
-                            self.cfg.initial_load_path, self.folder.step_dir(step))
-            # Step 0 is a seed checkpoint: weights only, training starts from scratch.
-            self._load_from(self.folder.step_dir(step), model_only=(step == 0), source_step=step)
-            if step == 0:
-                logger.info("step-0 is a seed checkpoint: loaded its weights, training starts at step 1")
-            return step
+            if self.folder.is_hf(step):
+                raise self._hf_step_error(step, committed)
+            try:
+                return self._load_step(step, committed)
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(
+                    f"{e}. Check it with `savepoint verify {self.folder.step_dir(step)}`; choose another "
+                    f"--checkpoint.load_step (committed: {committed})") from None
+        if committed:
+            if self.folder.is_hf(committed[-1]):
+                raise self._hf_step_error(committed[-1], committed)
+            return self._resume_latest(committed)
         if self.cfg.initial_load_in_hf:
             return self._load_hf_initial()
         if self.cfg.initial_load_path:
@@ -368,6 +397,49 @@ class CheckpointManager:
             return 0 if self.cfg.initial_load_model_only else self._loaded_step()
         logger.info("no checkpoint in %s: fresh start", self.folder.root)
         return None
+
+    def _load_step(self, step: int, committed: list[int]) -> int:
+        newer = [s for s in committed if s > step]
+        if newer:
+            logger.warning("loading step %d while newer steps %s exist from an earlier run; they are "
+                           "replaced as training reaches them, until then auto-resume would pick them",
+                           step, newer)
+        if self.cfg.initial_load_path:
+            logger.info("skipping --checkpoint.initial_load_path=%s: resuming from %s",
+                        self.cfg.initial_load_path, self.folder.step_dir(step))
+        # Step 0 is a seed checkpoint: weights only, training starts from scratch.
+        self._load_from(self.folder.step_dir(step), model_only=(step == 0), source_step=step)
+        if step == 0:
+            logger.info("step-0 is a seed checkpoint: loaded its weights, training starts at step 1")
+        return step
+
+    def _resume_latest(self, committed: list[int]) -> int:
+        """Load the newest committed step; if it is corrupt, warn loudly and take the one before, and so on.
+
+        Raises:
+            CorruptCheckpointError: the newest step is corrupt and ``fail_on_corruption`` is set, or
+                every DCP step is corrupt.
+        """
+        candidates = [s for s in reversed(committed) if not self.folder.is_hf(s)]
+        problems = []
+        for step in candidates:
+            try:
+                return self._load_step(step, committed)
+            except CorruptCheckpointError as e:
+                problems.append(f"step-{step}: {e}")
+                if self.cfg.fail_on_corruption:
+                    raise CorruptCheckpointError(
+                        f"auto-resume: {e}. --checkpoint.fail_on_corruption is set, so savepoint stops instead of "
+                        f"falling back to an older step; inspect it with `savepoint verify {self.folder.root}`, "
+                        f"then delete or move step-{step} aside, or pick a step with --checkpoint.load_step"
+                    ) from None
+                logger.error("CORRUPT CHECKPOINT: %s. Falling back to the previous committed step; training "
+                             "repeats the steps after it. Run `savepoint verify %s` to see every damaged step "
+                             "(--checkpoint.fail_on_corruption makes this an error instead)",
+                             e, self.folder.root)
+        raise CorruptCheckpointError(
+            f"auto-resume: every committed step in {self.folder.root} is corrupt: " + "; ".join(problems)
+            + "; move the folder aside to start fresh, or restore a good copy")
 
     def _hf_step_error(self, step: int, committed: list[int]) -> CheckpointError:
         dcp_steps = [s for s in committed if s != step and not self.folder.is_hf(s)]
@@ -407,8 +479,35 @@ class CheckpointManager:
         train_state = self.states.get(TRAIN_STATE)
         return int(getattr(train_state, "step", 0))
 
+    def _open(self, path: Path) -> tuple[VerifyingReader, Any]:
+        """A verifying reader for ``path`` and its metadata, after every rank agreed they are sound.
+
+        Raises:
+            CorruptCheckpointError / UnsafeCheckpointError / CheckpointError: on every rank alike.
+        """
+        error: BaseException | None = None
+        reader, saved = None, None
+        try:
+            reader = VerifyingReader.for_step(path)  # checks manifest.json's own checksum
+            saved = reader.read_metadata()  # checks .metadata's checksum, then unpickles it safely
+            reader.check_sizes()  # truncation shows before any byte is read
+        except CheckpointError as e:
+            error = e
+        except OSError as e:
+            error = CheckpointError(f"cannot read {path}: {e}")
+        failure = self.coord.first_failure(error)
+        if failure is not None:
+            if isinstance(error, CheckpointError):
+                raise error
+            raise _as_checkpoint_error(failure, path)
+        assert reader is not None
+        if not reader.verified:
+            logger.warning("%s has no checksums (written by TorchTitan or an older savepoint): loading it "
+                           "unverified", path)
+        return reader, saved
+
     def _load_from(self, path: Path, model_only: bool, source_step: int | None) -> None:
-        saved = FileSystemReader(str(path)).read_metadata()
+        reader, saved = self._open(path)
         saved_keys = saved.state_dict_metadata
         model_sd = self.model_state.state_dict()
         # TorchTitan 0.3 stores some tensors under new names; request each under the name it has.
@@ -432,9 +531,9 @@ class CheckpointManager:
                 state[name] = component
         start = time.perf_counter()
         try:
-            dcp.load(state, checkpoint_id=str(path), process_group=self.coord.group)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading {path} failed: {root_cause(e)}") from e
+            raise _as_checkpoint_error(root_cause(e), path) from e
         self.model_state.load_state_dict(model_sd)
         seconds = time.perf_counter() - start
         nbytes = _bytes_read(saved, state)
@@ -497,6 +596,14 @@ class _SavedRNGOnly(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
+
+
+def _as_checkpoint_error(message: str, path: Path) -> CheckpointError:
+    """The error class a (possibly other rank's) failure message stands for: corruption is told apart."""
+    for cls in (CorruptCheckpointError, UnsafeCheckpointError):
+        if f"{cls.__name__}: " in message:
+            return cls(f"loading {path} failed: {message}")
+    return CheckpointError(f"loading {path} failed: {message}")
 
 
 def _bytes_read(metadata: Any, state: dict[str, Any]) -> int:

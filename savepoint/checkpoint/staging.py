@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlanner
+from torch.distributed.checkpoint.storage import StorageWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
@@ -68,10 +69,11 @@ class AsyncSaver:
         self.process = pinned and dist.is_initialized()
         self.inflight: InFlight | None = None
 
-    def start(self, step: int, kind: str, staging_dir: Path, state: dict[str, Any], planner: SavePlanner) -> None:
+    def start(self, step: int, kind: str, staging_dir: Path, state: dict[str, Any], planner: SavePlanner,
+              writer: StorageWriter) -> None:
         checkpointer = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
         start = time.perf_counter()
-        response = dcp.async_save(state, checkpoint_id=staging_dir, planner=planner, process_group=self.group,
+        response = dcp.async_save(state, storage_writer=writer, planner=planner, process_group=self.group,
                                   async_checkpointer_type=checkpointer, async_stager=self.stager)
         if isinstance(response, AsyncSaveResponse):
             staged, written = response.staging_completion, response.upload_completion

@@ -6,10 +6,13 @@ fsync the folder, rename it to ``step-N`` and fsync the parent. A crash before t
 only a hidden leftover, which discovery ignores and the next start removes. Re-saving an existing
 step moves the old one aside first (``.step-N.replaced``), so one of the two is always complete.
 Deletion renames to ``.step-N.trash`` before removing, so a half-deleted step is never visible.
+Anything else in the folder (the writer's ``.savepoint.lock``, a user's notes) is neither a step
+nor a leftover: discovery, cleanup and retention leave it alone.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -45,8 +48,34 @@ def write_json_durably(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def disk_full_hint(failure: str, root: Path, keep_latest_k: int) -> str:
+    """For a save that failed with ENOSPC or EFBIG (``failure`` is its one-line cause): what to do, else ''."""
+    if f"[Errno {errno.ENOSPC}]" in failure or "No space left" in failure:
+        try:
+            free = f" ({shutil.disk_usage(root).free / 1e9:.2f} GB free now)"
+        except OSError:
+            free = ""
+        what = f"the disk holding {root} is full{free}"
+    elif f"[Errno {errno.EFBIG}]" in failure or "File too large" in failure:
+        what = (f"a file under {root} hit a size limit (file too large: the filesystem's maximum file size, "
+                "or the process's `ulimit -f`)")
+    else:
+        return ""
+    kept = "all steps" if keep_latest_k == 0 else f"{keep_latest_k} steps"
+    return (f". Disk full: {what}. Free space there, or keep fewer checkpoints with a lower "
+            f"--checkpoint.keep_latest_k (now {keep_latest_k}: {kept} kept), or move --checkpoint.folder "
+            "to a bigger disk")
 
 
 class CheckpointFolder:
@@ -146,12 +175,12 @@ class CheckpointFolder:
         staging.mkdir(parents=True)
         return staging
 
-    def commit(self, step: int, manifest: dict[str, Any]) -> Path:
-        """Write the manifest and atomically publish ``step-N``; returns its path."""
+    def commit(self, step: int, manifest: bytes) -> Path:
+        """Write the manifest (its bytes as given) and atomically publish ``step-N``; returns its path."""
         staging = self.staging_dir(step)
         if not (staging / DCP_MARKER).is_file() and not (staging / HF_MARKER).is_file():
             raise CheckpointError(f"refusing to commit {staging}: the writer produced no {DCP_MARKER}")
-        write_json_durably(staging / MANIFEST, manifest)
+        write_bytes_durably(staging / MANIFEST, manifest)
         fsync_dir(staging)
         target = self.step_dir(step)
         replaced = self._hidden(step, "replaced")

@@ -92,6 +92,8 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
         f"{p}load_step", ckpt.load_step, ckpt.load_step >= -1, ">= -1 (-1 loads the latest step)"
     )
     problems += _need(f"{p}folder", ckpt.folder, bool(ckpt.folder.strip()), "a non-blank path")
+    problems += _need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
+                      ckpt.preemption_grace_seconds > 0, "> 0 (seconds to save after SIGTERM)")
     problems += _one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
     problems += _one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
     problems += _exclude_problems(ckpt)

@@ -59,12 +59,13 @@ from typing import IO, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from savepoint.checkpoint.integrity import SafeLoadPlanner, VerifyingReader
 from savepoint.checkpoint.storage import fsync_dir
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.folder import (
@@ -463,24 +464,7 @@ def check_dcp_keys(adapter: Llama3HFAdapter, saved: dict[str, Any], where: str) 
                                   f"{adapter.flavor} model needs {list(shape)}; check --model_flavor")
 
 
-class _MetadataOnceReader(FileSystemReader):
-    """``FileSystemReader`` that reads ``.metadata`` once for the many one-tensor loads of a conversion.
-
-    A full checkpoint saved at many ranks with column tiles lists every chunk of every model and
-    optimizer tensor there: re-reading it for each of a model's few hundred tensors adds up.
-    """
-
-    def __init__(self, path: str | Path):
-        super().__init__(str(path))
-        self._metadata: Any = None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
-
-
-def _read_dcp_metadata(src: Path, reader: FileSystemReader) -> dict[str, Any]:
+def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; point at a DCP checkpoint step folder (holding .metadata)")
     if not (src / ".metadata").is_file():
@@ -492,6 +476,8 @@ def _read_dcp_metadata(src: Path, reader: FileSystemReader) -> dict[str, Any]:
         raise CheckpointError(f"{src} has no .metadata: it is not a DCP checkpoint step folder{hint}")
     try:
         return dict(reader.read_metadata().state_dict_metadata)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{src}/.metadata is not readable DCP metadata ({type(e).__name__}: {e})") from e
 
@@ -534,7 +520,8 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
     adapter = Llama3HFAdapter(args, name)
     check_output(out_dir)
     src = Path(os.path.abspath(in_dir))
-    reader = _MetadataOnceReader(src)
+    # Reads .metadata once for the many one-tensor loads, and checks every byte against the manifest.
+    reader = VerifyingReader.for_step(src) if src.is_dir() else VerifyingReader(src)
     saved = _read_dcp_metadata(src, reader)
     check_dcp_keys(adapter, saved, str(src))
     assets = None if hf_assets_path is None else Path(hf_assets_path)
@@ -554,7 +541,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
                 tensor = torch.empty(shape, dtype=target)
                 try:
                     with _quiet_dcp():
-                        dcp.load({key: tensor}, storage_reader=reader, no_dist=True)
+                        dcp.load({key: tensor}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
                 except (Exception, CheckpointException) as e:
                     raise _unwrap(e, f"reading {key!r} from {src}") from e
                 out = adapter.to_hf(key, tensor)[1]

@@ -92,12 +92,13 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
             holds it with another shape.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from savepoint.checkpoint.integrity import SafeLoadPlanner, VerifyingReader
 
     step_dir = Path(step_dir)
     if not (step_dir / ".metadata").is_file():
         raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no .metadata); point it at a step-N folder")
-    saved = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    reader = VerifyingReader.for_step(step_dir)
+    saved = reader.read_metadata().state_dict_metadata
     shapes = model_shapes(args)
     names = saved_model_keys(shapes, saved)
     state = {}
@@ -109,7 +110,8 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
             raise CheckpointError(f"{step_dir}: tensor {names[ours]!r} has shape {list(meta.size)} in the checkpoint "
                                   f"but {list(shape)} in the model these args describe")
         state[ours] = torch.empty(shape, dtype=meta.properties.dtype)
-    dcp.load({names[k]: t for k, t in state.items()}, checkpoint_id=str(step_dir), no_dist=True)
+    reader.check_sizes()
+    dcp.load({names[k]: t for k, t in state.items()}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return state
 
 
