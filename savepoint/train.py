@@ -6,6 +6,7 @@ The loop calls the checkpoint manager at fixed points: ``load`` once before the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -249,7 +250,7 @@ class Trainer:
                 self._periodic(self.checkpointer.finish_inflight)  # an earlier save's failure is not the final's
                 if self.checkpointer.save(step, last_step=True):
                     saved = step
-            elif self._periodic(lambda: self.checkpointer.save(step)):
+            elif self._periodic(functools.partial(self.checkpointer.save, step)):
                 saved = step
         logger.info("stopped at step %d", self.train_state.step)
 

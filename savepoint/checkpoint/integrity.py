@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -315,9 +316,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it asks to load {named.group(1)}" if named else str(e).splitlines()[0]
             raise UnsafeCheckpointError(
-                f"checkpoint value {read_item.dest_index.fqn!r} holds an object outside plain data, refused "
-                f"without running it: {str(e).splitlines()[0]}"
+                f"checkpoint value {read_item.dest_index.fqn!r} holds an object outside plain data ({what}); "
+                "refused without running it. Nothing was executed"
             ) from None
         except Exception as e:
             raise CorruptCheckpointError(

@@ -21,7 +21,6 @@ from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.coordination import Coordinator, is_rank0, root_cause
-from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.integrity import (
     CorruptCheckpointError,
     HashingWriter,
@@ -31,6 +30,7 @@ from savepoint.checkpoint.integrity import (
     collect_checksums,
     manifest_bytes,
 )
+from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
