@@ -26,6 +26,7 @@ from savepoint.checkpoint.integrity import (
 from savepoint.checkpoint.coordination import root_cause
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.cli import main as cli
+from savepoint.errors import CheckpointError
 
 
 @pytest.fixture
@@ -187,3 +188,19 @@ def test_verify_cli_on_a_healthy_folder_and_bad_paths(saved, tmp_path, capsys):
     assert cli(["verify", str(tmp_path / "missing")]) == 1
     assert "is not a folder" in capsys.readouterr().err
     json.loads((saved.step_dir(5) / "manifest.json").read_text())  # still plain JSON for people and tools
+
+
+def test_a_writer_whose_trainer_died_writes_nothing_more(tmp_path):
+    from savepoint.checkpoint.integrity import HashingFileSystem
+
+    fs = HashingFileSystem()
+    with fs.create_stream(tmp_path / "__0_0.distcp", "wb") as stream:
+        stream.write(b"x" * 10)
+    assert (tmp_path / "__0_0.distcp").read_bytes() == b"x" * 10
+    fs.owner = -1  # as seen from a writer process whose trainer (its parent) is gone
+    with pytest.raises(CheckpointError, match="the training process -1 that started this save is gone"):
+        with fs.create_stream(tmp_path / ".metadata.tmp", "wb"):
+            pass
+    with pytest.raises(CheckpointError, match="is gone"):
+        fs.rename(tmp_path / "__0_0.distcp", tmp_path / ".metadata")
+    assert not (tmp_path / ".metadata.tmp").exists() and not (tmp_path / ".metadata").exists()

@@ -135,11 +135,31 @@ def sidecar_path(data_file: Path) -> Path:
 
 
 class HashingFileSystem(FileSystem):
-    """DCP's local file system, with every ``.distcp`` hashed as it is written."""
+    """DCP's local file system, with every ``.distcp`` hashed as it is written.
+
+    It also refuses to go on for a trainer that died: a background writer process outlives a
+    SIGKILLed trainer, and must not write a ``.metadata`` into a staging folder that a restarted
+    job may be using by then. ``owner`` is the trainer's pid; in a writer process it is the parent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner = os.getpid()
+
+    def _check_owner(self, path: Path) -> None:
+        if os.getpid() != self.owner and os.getppid() != self.owner:
+            raise CheckpointError(f"not writing {path}: the training process {self.owner} that started this "
+                                  "save is gone")
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self._check_owner(Path(new_path))
+        super().rename(path, new_path)
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
         path = Path(path)
+        if mode != "rb":
+            self._check_owner(path)
         if mode != "wb" or not path.name.endswith(".distcp"):
             with super().create_stream(path, mode) as stream:
                 yield stream
