@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from savepoint.errors import SavepointError
 
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.strip(), file=sys.stderr if argv else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     setup_logging()
+    # DCP warns on every save and load outside a process group (a one-process job); that is the intent,
+    # and on stderr it would bury the one "error:" line a failure prints.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
     try:
         COMMANDS[argv[0]](argv[1:])
     except SavepointError as e:

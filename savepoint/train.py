@@ -290,6 +290,7 @@ class Trainer:
 
 def run(cfg: JobConfig) -> None:
     """Train as ``cfg`` says, then tear down the process group."""
+    trainer: Trainer | None = None
     try:
         trainer = Trainer(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
@@ -298,5 +299,9 @@ def run(cfg: JobConfig) -> None:
             trainer.train()
         trainer.checkpointer.close()
     finally:
+        # After a failure, other ranks may be gone or stuck: skip close()'s collectives, but free
+        # the folder for the next job (a local operation).
+        if trainer is not None and trainer.checkpointer.lock is not None:
+            trainer.checkpointer.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()

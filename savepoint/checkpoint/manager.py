@@ -6,6 +6,7 @@ checkpoint folder (see ``storage.py`` for the commit protocol).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -367,9 +368,13 @@ class CheckpointManager:
         # Rank 0 looks at the folder and every rank follows it, so all ranks load the same step.
         committed = self.coord.run_on_rank0(self.folder.committed_steps, f"listing {self.folder.root}")
         if step != -1 and step not in committed:
+            step_dir = self.folder.step_dir(step)
+            why = (f"{step_dir} exists but is not committed (no .metadata: an incomplete or hand-made folder, "
+                   "which savepoint never loads); " if step_dir.is_dir() else "")
             raise CheckpointError(
-                f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; "
-                f"committed steps: {committed or 'none'}"
+                f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; {why}"
+                f"committed steps: {committed or 'none'}; pick one of them with --checkpoint.load_step, or drop "
+                "the flag to resume from the latest"
             )
         if step != -1:
             if self.folder.is_hf(step):
@@ -553,8 +558,17 @@ class CheckpointManager:
             if saved_shape != tuple(tensor.shape):
                 raise CheckpointError(
                     f"{path}: tensor {fqn!r} has shape {list(saved_shape)} in the checkpoint but "
-                    f"{list(tensor.shape)} in the model; check --model.flavor"
+                    f"{list(tensor.shape)} in the model; check --model.flavor{self._flavor_hint(path)}"
                 )
+
+    def _flavor_hint(self, path: Path) -> str:
+        """' (the checkpoint was saved with --model.flavor X, this run uses Y)', when the manifest tells X."""
+        try:
+            saved = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["job_config"]["model"]["flavor"]
+            ours = self.job_config["model"]["flavor"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""  # e.g. written by TorchTitan: no manifest
+        return f" (the checkpoint was saved with --model.flavor {saved}, this run uses {ours})" if saved != ours else ""
 
     def _missing_component_error(self, path: Path, name: str, source_step: int | None) -> CheckpointError:
         full_steps = [s for s in self.folder.committed_steps() if s != source_step and
