@@ -10,8 +10,11 @@ measured in one invocation, in one process (a 1-rank gloo process group, which
 - the floor: sequential write of a file of the state's size in 64 MiB blocks + fdatasync, its cold
   read back, and ``dst.copy_(src)`` of the state's size into a preallocated buffer;
 - the same state (model + AdamW, exactly what the manager saves) with ``torch.save`` + fsync, with
-  raw ``dcp.save`` (default planner, ``no_dist=True``), and with savepoint's sync save (durable and
-  committed). These four take turns, the order rotating every repeat, so that disk drift favours none;
+  raw ``dcp.save`` (default planner, ``no_dist=True``), with the same ``dcp.save`` through
+  savepoint's ``HashingWriter`` twice (as savepoint uses it, without torch.save's zip CRC-32, and
+  with the CRC-32 kept as raw ``dcp.save`` computes it: the difference to raw ``dcp.save`` is the
+  hashing cost), and with savepoint's sync save (durable and committed). These six take turns, the
+  order rotating every repeat, so that disk drift favours none;
 - ``async`` and ``async_with_pinned_mem``, each with its own manager: ``--saves`` consecutive saves
   with no training in between (save, ``wait_for_staging()``, ``finish_inflight()``; the first save
   is reported apart, as it allocates the staging buffers and, for the writer process, spawns it),
@@ -20,6 +23,12 @@ measured in one invocation, in one process (a 1-rank gloo process group, which
   the training loop is blocked by the ``save()`` call plus the ``wait_for_staging()`` wait before the
   next ``optimizer.step()``, and every step that starts while the save is in flight is timed against
   steps with no save in flight.
+
+Memory: VmRSS counts a shared-memory page once in every process that maps it, so the staging
+buffers of ``async_with_pinned_mem`` (shared with the writer process) appear in both. The report
+also gives PSS (``/proc/PID/smaps_rollup``, which splits a shared page among the processes mapping
+it): the trainer's PSS plus the writer's, after the saves, minus the trainer's before them, is the
+memory the saves really added.
 
 Before each timed save or disk pass the page cache is synced and dropped when the kernel allows it
 (root); otherwise the output says the cache was warm. Checkpoints live in a temporary folder (under
@@ -53,7 +62,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.stateful import Stateful  # noqa: E402
 
-from savepoint.checkpoint import CheckpointManager  # noqa: E402
+from savepoint.checkpoint import CheckpointManager, staging  # noqa: E402
+from savepoint.checkpoint.integrity import HashingWriter  # noqa: E402
 from savepoint.checkpoint.states import (  # noqa: E402
     LR_SCHEDULER,
     OPTIMIZER,
@@ -90,6 +100,8 @@ BLOCKED_TARGET = 0.005
 THROUGHPUT_TARGET = 0.90
 VS_TORCH_TARGET = 1.0
 STEP_TARGET = 1.25
+MEMORY_TARGET = 1.0  # memory the saves add, trainer + writer process (PSS), per byte of state
+HASHING_TARGET = 0.05  # issue 6: hashing <= 5 % of a durable save
 # Model size and repeats: the default run (about 1.07 GB of state) and --quick.
 PRESETS = {
     "default": {"dim": 1024, "n_layers": 2, "vocab_size": 32000, "repeats": 3, "saves": 50},
@@ -127,6 +139,20 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     fields = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+def proc_pss(pid: int | str = "self") -> dict[str, int]:
+    """The ``kB`` fields of /proc/PID/smaps_rollup (Rss, Pss, Pss_Anon, Pss_Shmem, ...), in bytes; {} if unreadable."""
+    fields = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, value = line.partition(":")
             parts = value.split()
             if len(parts) == 2 and parts[1] == "kB":
@@ -279,7 +305,8 @@ def baselines(job: Job, work_dir: Path, clock: Clock, repeats: int, nbytes: int)
     """Disk write/read, torch.save + fsync, dcp.save and savepoint's sync save, taking turns."""
     state = job.state()
     manager = job.manager(work_dir, "sync", "disabled")
-    times: dict[str, list[float]] = {"write": [], "read": [], "torch_save": [], "dcp_save": [], "sync_save": []}
+    times: dict[str, list[float]] = {"write": [], "read": [], "torch_save": [], "dcp_save": [], "hashing_save": [],
+                                     "hashing_crc_save": [], "sync_save": []}
     sizes: dict[str, int] = {}
 
     def disk() -> None:
@@ -299,13 +326,27 @@ def baselines(job: Job, work_dir: Path, clock: Clock, repeats: int, nbytes: int)
         sizes["dcp_save"] = folder_bytes(path)
         shutil.rmtree(path)
 
+    def hashing_save() -> None:
+        path = work_dir / "dcp-hashed"
+        times["hashing_save"].append(clock.time(lambda: dcp.save(state, storage_writer=HashingWriter(path),
+                                                                  no_dist=True)))
+        sizes["hashing_save"] = folder_bytes(path)
+        shutil.rmtree(path)
+
+    def hashing_crc_save() -> None:
+        path = work_dir / "dcp-hashed-crc"
+        writer = HashingWriter(path, compute_crc32=True)
+        times["hashing_crc_save"].append(clock.time(lambda: dcp.save(state, storage_writer=writer, no_dist=True)))
+        sizes["hashing_crc_save"] = folder_bytes(path)
+        shutil.rmtree(path)
+
     def sync_save() -> None:
         step = len(times["sync_save"]) + 1
         times["sync_save"].append(clock.time(lambda: manager.save(step)))
         sizes["sync_save"] = folder_bytes(manager.folder.step_dir(step))
         manager.folder.delete(step)
 
-    ops = [disk, torch_save, dcp_save, sync_save]
+    ops = [disk, torch_save, dcp_save, hashing_save, hashing_crc_save, sync_save]
     try:
         for i in range(repeats):
             for op in ops[i % len(ops):] + ops[: i % len(ops)]:
@@ -343,6 +384,10 @@ class AsyncResult:
     peak_rss: int = 0
     peak_is_hwm: bool = True
     writer_rss: int = 0  # the writer process's VmRSS, if there is one
+    pss_before: int = 0  # the trainer's PSS before the first save
+    pss_after: int = 0  # the trainer's PSS after the consecutive saves
+    writer_pss: int = 0  # the writer process's PSS after them (0: no writer process)
+    writer_pss_shmem: int = 0  # the part of it that is shared memory (the staging buffers)
     nbytes: int = 0
     loop_blocked: list[float] = field(default_factory=list)  # training loop: save() + staging wait before step
     loop_call: list[float] = field(default_factory=list)
@@ -361,6 +406,7 @@ def async_saves(job: Job, work_dir: Path, clock: Clock, mode: str, saves: int, r
     try:
         result.peak_is_hwm = reset_peak_rss()
         result.rss_before = proc_status()["VmRSS"]
+        result.pss_before = proc_pss().get("Pss", 0)
         for _ in range(saves):
             step += 1
             clock.flush()
@@ -381,7 +427,13 @@ def async_saves(job: Job, work_dir: Path, clock: Clock, mode: str, saves: int, r
             result.nbytes = folder_bytes(manager.folder.step_dir(step))
             if step > 1:
                 manager.folder.delete(step - 1)
-        result.writer_rss = sum(proc_status(pid).get("VmRSS", 0) for pid in child_pids())
+        # The writer process (async_with_pinned_mem under a process group); not the resource tracker.
+        writer_pids = [manager.saver.writer_pid] if manager.saver.writer_pid else []
+        result.writer_rss = sum(proc_status(pid).get("VmRSS", 0) for pid in writer_pids)
+        result.pss_after = proc_pss().get("Pss", 0)
+        writers = [proc_pss(pid) for pid in writer_pids]
+        result.writer_pss = sum(w.get("Pss", 0) for w in writers)
+        result.writer_pss_shmem = sum(w.get("Pss_Shmem", 0) for w in writers)
         for _ in range(repeats):
             for _ in range(2):  # steps with no save in flight, interleaved with the saves against drift
                 result.steps_normal.append(job.step()[0])
@@ -438,9 +490,9 @@ def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, ba
           f"vocab {args.vocab_size}: {params / 1e6:.1f}M parameters, fp32 + AdamW state = {nbytes / 1e9:.3f} GB "
           f"in memory ({sizes['sync_save'] / 1e9:.3f} GB as a savepoint step)")
     print(f"training step: forward + backward + AdamW on {batch_size} x {SEQ_LEN} tokens, {step_s:.3f} s when "
-          f"calibrated (best of 3)")
-    print(f"{args.repeats} repeats of each baseline (disk, torch.save, dcp.save, sync save taking turns in rotating "
-          f"order); {cache}")
+          f"calibrated (best of 3); background writer niceness +{staging.WRITER_NICE}")
+    print(f"{args.repeats} repeats of each baseline (disk, torch.save, dcp.save, HashingWriter x2, sync save taking "
+          f"turns in rotating order); {cache}")
     print()
     print(f"{'operation':<50} {'median s':>9} {'min - max s':>17} {'GB/s':>7} {'n':>3}")
     print(row("disk write 64 MiB blocks + fdatasync", times["write"], nbytes))
@@ -449,6 +501,8 @@ def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, ba
                                                                          f"{first_copy:.4f} s"))
     print(row("torch.save + fsync", times["torch_save"], sizes["torch_save"]))
     print(row("dcp.save (default planner, no_dist)", times["dcp_save"], sizes["dcp_save"]))
+    print(row("dcp.save through HashingWriter (no zip CRC-32)", times["hashing_save"], sizes["hashing_save"]))
+    print(row("dcp.save through HashingWriter, CRC-32 kept", times["hashing_crc_save"], sizes["hashing_crc_save"]))
     print(row("savepoint sync save (durable, committed)", times["sync_save"], sizes["sync_save"]))
     for mode, r in modes.items():
         print(f"-- {mode}: {len(r.call)} saves with no training between them, then {len(r.loop_blocked)} inside "
@@ -475,6 +529,11 @@ def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, ba
         print(f"  {mode}: before {r.rss_before / 1e9:.3f} GB, after save 1 {r.rss[0] / 1e9:.3f} GB, after save "
               f"{len(r.rss)} {r.rss[-1] / 1e9:.3f} GB (drift {drift:+.2f} %), min-max {min(r.rss) / 1e9:.3f}-"
               f"{max(r.rss) / 1e9:.3f} GB, peak ({peak}) {r.peak_rss / 1e9:.3f} GB{writer}")
+        if r.pss_before:
+            writer = (f", writer process PSS {r.writer_pss / 1e9:.3f} GB (of it shared memory "
+                      f"{r.writer_pss_shmem / 1e9:.3f} GB)") if r.writer_pss else ""
+            print(f"  {mode}: PSS trainer before {r.pss_before / 1e9:.3f} GB, after the saves "
+                  f"{r.pss_after / 1e9:.3f} GB{writer}")
     print()
     sync = median(times["sync_save"])
     write_bw = nbytes / median(times["write"])
@@ -510,6 +569,24 @@ def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, ba
           f"/ raw dcp.save {vs_dcp:.2f}x")
     if vs_torch > VS_TORCH_TARGET:
         missed.append("sync vs torch.save")
+    hashing = median(times["hashing_crc_save"]) / median(times["dcp_save"]) - 1
+    pairs = [h / d - 1 for h, d in zip(times["hashing_crc_save"], times["dcp_save"], strict=True)]
+    net = median(times["hashing_save"]) / median(times["dcp_save"]) - 1
+    print(f"hashing cost (dcp.save through HashingWriter with CRC-32 kept / plain FileSystemWriter - 1): "
+          f"{hashing * 100:+.1f} % (issue 6 target <= {HASHING_TARGET * 100:.0f} %: "
+          f"{verdict(hashing <= HASHING_TARGET)}); per round {min(pairs) * 100:+.1f} to {max(pairs) * 100:+.1f} %; "
+          f"as savepoint writes (xxh3 instead of the CRC-32) {net * 100:+.1f} %")
+    if hashing > HASHING_TARGET:
+        missed.append("hashing cost")
+    for mode, r in modes.items():
+        if r.pss_before:
+            added = r.pss_after + r.writer_pss - r.pss_before
+            print(f"{mode}: memory added by the saves, PSS (trainer + writer process) {added / 1e9:.3f} GB = "
+                  f"{added / nbytes:.2f}x the state (target <= {MEMORY_TARGET:.1f}x: "
+                  f"{verdict(added <= MEMORY_TARGET * nbytes)})"
+                  f"; VmRSS alone would say {(r.peak_rss - r.rss_before + r.writer_rss) / nbytes:.2f}x")
+            if added > MEMORY_TARGET * nbytes:
+                missed.append(f"{mode} memory")
     print(f"targets missed: {', '.join(missed) if missed else 'none'}")
     print(f"total wall time: {wall:.1f} s")
     print()

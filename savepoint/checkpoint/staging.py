@@ -6,16 +6,26 @@ into pinned (CUDA) or shared (CPU) buffers kept across saves, and a background *
 it, so the writer never holds the trainer's GIL; the trainer only waits for the copy to finish
 before the next ``optimizer.step()``, the first moment the parameters change.
 
-Both write with ``dcp.async_save`` on a gloo group of their own, so background collectives never
-meet the training group's or the checkpointer's. Committing (the rename that makes a step
-visible) is not done here: the manager does it once every rank's write has finished.
+Both write on a gloo group of their own, so background collectives never meet the training
+group's or the checkpointer's. Committing (the rename that makes a step visible) is not done here:
+the manager does it once every rank's write has finished.
+
+What the save call costs the trainer is kept to handing the state dict to one long-lived thread
+(``savepoint-ckpt``): ``dcp.async_save``'s own set-up (a logger wrapper per key, a new executor
+thread per save, the hand-off to the staging thread, whose Python walk over the state holds the
+GIL) runs there, overlapping the next forward. ``async`` still copies inside the call, and its
+thread writes with ``dcp.save``. The writer (that thread's writes in ``async``, the writer process
+in ``async_with_pinned_mem``) runs at a lower CPU priority (``WRITER_NICE``): on a machine with
+few cores it otherwise takes cores from the training step, and only the copy, not the write,
+must finish before ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +34,52 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlanner
-from torch.distributed.checkpoint.storage import StorageWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+from torch.distributed.checkpoint.storage import StorageWriter
 
 logger = logging.getLogger(__name__)
+
+# Niceness added to the background writer (0 disables): it yields the CPU to training on a busy
+# machine, and still gets idle cores. The copy before optimizer.step() is not lowered.
+WRITER_NICE = int(os.environ.get("SAVEPOINT_WRITER_NICE", "10"))
+
+
+def _writer_niceness() -> int | None:
+    """The niceness for writer threads: the trainer's own plus WRITER_NICE; None to leave them be."""
+    if WRITER_NICE <= 0 or not hasattr(os, "setpriority"):
+        return None
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICE)
+
+
+def _set_niceness(tid: int, niceness: int | None) -> None:
+    """Set one thread's niceness (0: the calling thread). On Linux niceness is per thread, and a new
+    thread or process starts with the niceness of the thread that started it."""
+    if niceness is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except OSError:  # not permitted, or the thread is gone: only a scheduling hint
+        pass
+
+
+def _set_process_niceness(pid: int, niceness: int | None) -> None:
+    """Set the niceness of every thread of process ``pid``."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        _set_niceness(tid, niceness)
+
+
+def _writer_process_pid() -> int | None:
+    """The pid of DCP's checkpoint writer process (``AsyncCheckpointerType.PROCESS``), once it is started."""
+    try:
+        from torch.distributed.checkpoint import _async_process_executor as executor
+        return executor._CHECKPOINT_PROCESS._save_process.pid  # type: ignore[union-attr]
+    except (ImportError, AttributeError):
+        return None
 
 
 @dataclass
@@ -68,20 +119,56 @@ class AsyncSaver:
         # (tests, notebooks) writes from a thread instead.
         self.process = pinned and dist.is_initialized()
         self.inflight: InFlight | None = None
+        # One long-lived thread starts every save (and, in ``async``, writes it), off the trainer's path.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="savepoint-ckpt")
+        self.writer_pid: int | None = None  # the writer process, once lowered in priority
+        self.writer_niceness = _writer_niceness()
 
     def start(self, step: int, kind: str, staging_dir: Path, state: dict[str, Any], planner: SavePlanner,
               writer: StorageWriter) -> None:
-        checkpointer = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
         start = time.perf_counter()
-        response = dcp.async_save(state, storage_writer=writer, planner=planner, process_group=self.group,
-                                  async_checkpointer_type=checkpointer, async_stager=self.stager)
-        if isinstance(response, AsyncSaveResponse):
-            staged, written = response.staging_completion, response.upload_completion
+        if self.mode == "async":
+            # Copied now, inside the call (this mode's contract): parameters may change on return.
+            staged_state = self.stager.stage(state)
+            written = self.worker.submit(self._write, staged_state, planner, writer)
+            self.inflight = InFlight(step, kind, staging_dir, None, written, start)
         else:
-            staged, written = None, response
-        self.inflight = InFlight(step, kind, staging_dir, staged, written, start)
+            staged: Future = Future()
+            written = Future()
+            self.worker.submit(self._start_pinned, state, planner, writer, staged, written)
+            self.inflight = InFlight(step, kind, staging_dir, staged, written, start)
         logger.info("step %d: %s save started (%s writer); training blocked %.3f s", step, self.mode,
                     "process" if self.process else "thread", time.perf_counter() - start)
+
+    def _write(self, staged_state: dict[str, Any], planner: SavePlanner, writer: StorageWriter) -> Any:
+        """``async``, on the worker thread: write the staged copy, at the writer's priority."""
+        _set_niceness(0, self.writer_niceness)  # this thread and those it starts (DCP's, the hashing helper)
+        return dcp.save(staged_state, storage_writer=writer, planner=planner, process_group=self.group)
+
+    def _start_pinned(self, state: dict[str, Any], planner: SavePlanner, writer: StorageWriter, staged: Future,
+                      written: Future) -> None:
+        """``async_with_pinned_mem``, on the worker thread: start the staging copy and the upload."""
+        try:
+            checkpointer = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
+            response = dcp.async_save(state, storage_writer=writer, planner=planner, process_group=self.group,
+                                      async_checkpointer_type=checkpointer, async_stager=self.stager)
+            if isinstance(response, AsyncSaveResponse):
+                inner_staged, inner_written = response.staging_completion, response.upload_completion
+            else:
+                inner_staged, inner_written = None, response
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            staged.set_exception(e)
+            written.set_exception(e)
+            return
+        if inner_staged is None:
+            staged.set_result(None)
+        else:
+            inner_staged.add_done_callback(lambda f: _chain(f, staged))
+        inner_written.add_done_callback(lambda f: _chain(f, written))
+        if self.process and self.writer_pid is None:
+            self.writer_pid = _writer_process_pid()
+            if self.writer_pid is not None:
+                _set_process_niceness(self.writer_pid, self.writer_niceness)
 
     def wait_for_staging(self) -> None:
         """Block until the staging copy is done: after this, the parameters may change."""
@@ -107,7 +194,17 @@ class AsyncSaver:
         return None
 
     def close(self) -> None:
+        self.worker.shutdown(wait=True)
         self.stager.close()
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
+
+
+def _chain(source: Future, target: Future) -> None:
+    """Copy ``source``'s outcome (result or error) into ``target``."""
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
