@@ -151,3 +151,14 @@ def test_retention_keeps_the_step_just_saved_after_resuming_an_older_one(train, 
           stop_after=6)
     # Step 6 was just written; the older step 5 went; step 10 from the earlier run is left alone.
     assert CheckpointFolder(tmp_path / "run/checkpoint").committed_steps() == [6, 10]
+
+
+def test_resume_applies_the_retention_a_killed_job_missed(train, tmp_path):
+    train("--checkpoint.keep_latest_k", "0")  # steps 5, 10, 15, 20, as if retention never ran
+    folder = CheckpointFolder(tmp_path / "run/checkpoint")
+    assert folder.committed_steps() == [5, 10, 15, 20]
+    resumed = train("--checkpoint.keep_latest_k", "2")  # nothing left to train: no save, no retention
+    assert resumed.loaded_step == 20
+    assert folder.committed_steps() == [15, 20]
+    train("--checkpoint.keep_latest_k", "1", "--checkpoint.load_only")
+    assert folder.committed_steps() == [15, 20]  # load_only never deletes

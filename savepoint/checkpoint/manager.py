@@ -388,7 +388,12 @@ class CheckpointManager:
         if committed:
             if self.folder.is_hf(committed[-1]):
                 raise self._hf_step_error(committed[-1], committed)
-            return self._resume_latest(committed)
+            loaded = self._resume_latest(committed)
+            if loaded == committed[-1] and not self.cfg.load_only:
+                # A job killed between its last commit and that save's retention left one step too
+                # many; apply retention now, as that save would have (it never touches the loaded step).
+                self.coord.run_on_rank0(lambda: self._retain(loaded), "retention")
+            return loaded
         if self.cfg.initial_load_in_hf:
             return self._load_hf_initial()
         if self.cfg.initial_load_path:
