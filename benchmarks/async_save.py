@@ -134,11 +134,11 @@ class Clock:
         return time.perf_counter() - start
 
 
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """The ``kB`` fields of /proc/PID/status (VmRSS, VmHWM, RssShmem, ...), in bytes."""
+def _kb_fields(path: str) -> dict[str, int]:
+    """The ``Name: N kB`` lines of a /proc file, in bytes; {} if unreadable."""
     fields = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             key, _, value = line.partition(":")
             parts = value.split()
             if len(parts) == 2 and parts[1] == "kB":
@@ -146,20 +146,16 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     except OSError:
         pass
     return fields
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """The ``kB`` fields of /proc/PID/status (VmRSS, VmHWM, RssShmem, ...), in bytes."""
+    return _kb_fields(f"/proc/{pid}/status")
 
 
 def proc_pss(pid: int | str = "self") -> dict[str, int]:
     """The ``kB`` fields of /proc/PID/smaps_rollup (Rss, Pss, Pss_Anon, Pss_Shmem, ...), in bytes; {} if unreadable."""
-    fields = {}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, value = line.partition(":")
-            parts = value.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return fields
+    return _kb_fields(f"/proc/{pid}/smaps_rollup")
 
 
 def reset_peak_rss() -> bool:
