@@ -55,6 +55,21 @@ def test_kill_trials_leave_loadable_exact_checkpoints(tmp_path):
     assert proc.returncode == (1 if summary["bad"] else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_kill_trials_at_two_ranks(tmp_path):
+    """One trial per mode at world size 2 (gloo): both ranks and the writer processes die together."""
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, str(HARNESS), "--trials", "3", "--seed", "1", "--mode", "all", "--world-size", "2",
+         "--steps", "3", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["trials"] == 3 and summary["by_mode"] == {"disabled": 1, "async": 1, "async_with_pinned_mem": 1}
+    assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_folder_reading_and_phases(tmp_path):
     kt = _harness()
     root = tmp_path / "checkpoint"
