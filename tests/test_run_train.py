@@ -34,11 +34,13 @@ def config_with(tmp_path: Path, name: str, checkpoint_block: str) -> Path:
 
 
 def run_train(config: Path | None, *args: str, dump: Path, ngpu: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAVEPOINT_PYTHON": sys.executable, "NGPU": str(ngpu)}
+    # One torch thread per process: on a busy 2-core machine, spinning OpenMP threads slowed a
+    # 16-token step from milliseconds to a second.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "SAVEPOINT_PYTHON": sys.executable, "NGPU": str(ngpu)}
     if config is not None:
         env["CONFIG_FILE"] = str(config)
     cmd = ["./run_train.sh", "--job.dump_folder", str(dump), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
