@@ -28,6 +28,9 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
                                            datefmt="%H:%M:%S"))
     root = logging.getLogger("savepoint")
+    for old in [h for h in root.handlers if getattr(h, "savepoint_cli", False)]:
+        root.removeHandler(old)  # main() called again in one process (tests, tools): one handler, current stdout
+    handler.savepoint_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("SAVEPOINT_DEBUG") else logging.INFO)
 

@@ -24,3 +24,11 @@ class CheckpointError(SavepointError):
 
 class NotSupportedYet(SavepointError):
     """An option that parses but whose feature has not landed yet."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's bytes do not match the checksums written with it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks the unpickler for an object it may not build."""

@@ -12,21 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from conftest import losses
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import losses
-from savepoint.checkpoint.integrity import (
-    CorruptCheckpointError,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
-    VerifyingReader,
-    read_manifest,
-    verify_step,
-)
 from savepoint.checkpoint.coordination import root_cause
+from savepoint.checkpoint.integrity import VerifyingReader, read_manifest, verify_step
+from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.cli import main as cli
-from savepoint.errors import CheckpointError
+from savepoint.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 
 @pytest.fixture
@@ -158,7 +152,8 @@ def test_plain_values_still_load(tmp_path):
     target = {"w": torch.zeros(3), "extra": {"step": 0, "lrs": [0.0, 0.0], "name": "", "nested": {"t": torch.zeros(3)}}}
     dcp.load(target, storage_reader=VerifyingReader(step), planner=SafeLoadPlanner(), no_dist=True)
     assert target["extra"]["step"] == 7 and target["extra"]["lrs"] == [0.1, 0.2] and target["extra"]["name"] == "x"
-    assert torch.equal(target["w"], torch.ones(3)) and torch.equal(target["extra"]["nested"]["t"], torch.arange(3).float())
+    assert torch.equal(target["w"], torch.ones(3))
+    assert torch.equal(target["extra"]["nested"]["t"], torch.arange(3).float())
 
 
 def test_steps_without_checksums_get_the_structural_check(saved, tmp_path):

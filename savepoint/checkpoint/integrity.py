@@ -12,7 +12,7 @@ value blanked, so a flipped bit anywhere in it is caught too.
 
 Reading: :class:`VerifyingReader` checks file sizes before DCP plans, ``.metadata`` before
 unpickling it, and every item's segments as DCP reads it, so a load reads each byte once.
-``.metadata`` is unpickled by :class:`RestrictedUnpickler`, which builds only the classes DCP
+``.metadata`` is unpickled by ``safe_load.RestrictedUnpickler``, which builds only the classes DCP
 metadata is made of; non-tensor items are read with ``torch.load(weights_only=True)``. Loading a
 checkpoint never runs code from it.
 """
@@ -22,9 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
-import re
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,14 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from savepoint.errors import CheckpointError
+from savepoint.checkpoint.safe_load import safe_unpickle
+from savepoint.errors import CheckpointError, CorruptCheckpointError
 
 ALGORITHM = "xxh3_128"
 SIDECAR_SUFFIX = ".sums.json"
@@ -48,14 +43,6 @@ OVERLAP_MIN = 1 << 20  # writes at least this big are hashed on the helper threa
 MANIFEST = "manifest.json"
 SELF_KEY = "manifest_checksum"
 _BLANK = "0" * 32
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's bytes do not match the checksums written with it."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint asks the unpickler for an object it may not build."""
 
 
 def _hexdigest(data: Any) -> str:
@@ -278,102 +265,6 @@ def read_manifest(step_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
-# ---- safe unpickling ---------------------------------------------------------------------------
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    import collections
-
-    from torch.distributed.checkpoint import filesystem, metadata
-
-    allowed: dict[tuple[str, str], Any] = {}
-    import pathlib
-
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
-        if hasattr(metadata, name):
-            allowed[(metadata.__name__, name)] = getattr(metadata, name)
-    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
-    # StorageMeta.checkpoint_id is the path the step was written to; layouts pickle as a lookup by name.
-    for name in ("PosixPath", "PurePosixPath"):
-        allowed[("pathlib", name)] = getattr(pathlib, name)
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
-    allowed[("torch", "Size")] = torch.Size
-    allowed[("torch", "device")] = torch.device
-    allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    for name in dir(torch):
-        value = getattr(torch, name, None)
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            allowed[("torch", name)] = value
-    return allowed
-
-
-_ALLOWED: dict[tuple[str, str], Any] | None = None
-_ALLOWED_LOCK = threading.Lock()
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds DCP metadata and nothing else: any other global is refused, so no code can run."""
-
-    def __init__(self, file: IO[bytes], source: str):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        global _ALLOWED
-        with _ALLOWED_LOCK:
-            if _ALLOWED is None:
-                _ALLOWED = _allowed_globals()
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise UnsafeCheckpointError(
-                f"{self.source} asks to load {module}.{name}, which DCP metadata never contains: the file is "
-                "corrupt or was crafted to run code when loaded, so it was not loaded. Nothing was executed"
-            ) from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpointError(f"{self.source} holds a persistent reference, which DCP metadata never does")
-
-
-def safe_unpickle(data: bytes, source: str) -> Any:
-    """Unpickle DCP metadata without running code from it.
-
-    Raises:
-        UnsafeCheckpointError: the pickle names a forbidden object.
-        CorruptCheckpointError: the bytes are not a valid pickle.
-    """
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), source).load()
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # a damaged pickle fails in many ways
-        raise CorruptCheckpointError(f"{source} is corrupt: cannot unpickle it ({type(e).__name__}: {e})") from None
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner with non-tensor values read by ``torch.load(weights_only=True)``."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            named = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"it asks to load {named.group(1)}" if named else str(e).splitlines()[0]
-            raise UnsafeCheckpointError(
-                f"checkpoint value {read_item.dest_index.fqn!r} holds an object outside plain data ({what}); "
-                "refused without running it. Nothing was executed"
-            ) from None
-        except Exception as e:
-            raise CorruptCheckpointError(
-                f"checkpoint value {read_item.dest_index.fqn!r} is corrupt: {type(e).__name__}: {e}"
-            ) from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
 # ---- reading -----------------------------------------------------------------------------------
 
 
@@ -424,7 +315,7 @@ class VerifyingReader(FileSystemReader):
             if entry is not None:
                 _check_bytes(path, entry, 0, data)
             metadata = safe_unpickle(data, str(path))
-            if getattr(metadata, "storage_data", None) is None or getattr(metadata, "state_dict_metadata", None) is None:
+            if any(getattr(metadata, name, None) is None for name in ("storage_data", "state_dict_metadata")):
                 raise CorruptCheckpointError(f"{path} is corrupt: it unpickles to a {type(metadata).__name__}, "
                                              "not DCP metadata")
             self._metadata = metadata

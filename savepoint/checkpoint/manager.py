@@ -6,7 +6,6 @@ checkpoint folder (see ``storage.py`` for the commit protocol).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,22 +22,21 @@ from torch.distributed.tensor import DTensor
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.coordination import Coordinator, is_rank0, root_cause
 from savepoint.checkpoint.integrity import (
-    CorruptCheckpointError,
     HashingWriter,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
     VerifyingReader,
     collect_checksums,
     manifest_bytes,
+    read_manifest,
 )
 from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.planner import TiledSavePlanner
+from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
-from savepoint.errors import CheckpointError, NotSupportedYet
+from savepoint.errors import CheckpointError, CorruptCheckpointError, NotSupportedYet, UnsafeCheckpointError
 from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
@@ -569,9 +567,9 @@ class CheckpointManager:
     def _flavor_hint(self, path: Path) -> str:
         """' (the checkpoint was saved with --model.flavor X, this run uses Y)', when the manifest tells X."""
         try:
-            saved = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["job_config"]["model"]["flavor"]
+            saved = (read_manifest(path) or {})["job_config"]["model"]["flavor"]
             ours = self.job_config["model"]["flavor"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (CheckpointError, KeyError, TypeError):
             return ""  # e.g. written by TorchTitan: no manifest
         return f" (the checkpoint was saved with --model.flavor {saved}, this run uses {ours})" if saved != ours else ""
 

@@ -65,7 +65,8 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from savepoint.checkpoint.integrity import SafeLoadPlanner, VerifyingReader
+from savepoint.checkpoint.integrity import VerifyingReader
+from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.storage import fsync_dir
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.folder import (

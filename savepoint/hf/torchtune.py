@@ -92,7 +92,9 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
             holds it with another shape.
     """
     import torch.distributed.checkpoint as dcp
-    from savepoint.checkpoint.integrity import SafeLoadPlanner, VerifyingReader
+
+    from savepoint.checkpoint.integrity import VerifyingReader
+    from savepoint.checkpoint.safe_load import SafeLoadPlanner
 
     step_dir = Path(step_dir)
     if not (step_dir / ".metadata").is_file():
