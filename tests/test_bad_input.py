@@ -63,6 +63,9 @@ class Case:
     subprocess: bool = False
     exit_code: int = 1
     new_steps: list[int] = field(default_factory=list)  # steps the row may add (SIGTERM row only)
+    # The whole command line after ``savepoint`` for rows that run another command than ``train``
+    # (inspect, verify, convert); ``{dump}`` in it is the run's dump folder. None: train, as above.
+    command: list[str] | None = None
 
 
 # ---- row setups ---------------------------------------------------------------------------------
@@ -222,6 +225,15 @@ CASES: dict[str, Case] = {
                              exit_code=0, new_steps=[11]),
 }
 
+# Rows by area, each area in its own table (merged into CASES below, in this order).
+HOSTILE_READ_CASES: dict[str, Case] = {}  # hostile .metadata / manifest / paths, every CLI command
+COMMIT_CASES: dict[str, Case] = {}  # commit, lock, disk-full and launcher rows
+LOADED_VALUE_CASES: dict[str, Case] = {}  # values a Stateful restores, config values
+HF_CASES: dict[str, Case] = {}  # Hugging Face folders and exports
+
+for _table in (HOSTILE_READ_CASES, COMMIT_CASES, LOADED_VALUE_CASES, HF_CASES):
+    CASES.update(_table)
+
 
 # ---- the harness --------------------------------------------------------------------------------
 
@@ -282,6 +294,8 @@ def test_bad_input(name, base_run, tmp_path, capsys, monkeypatch):
     extra = case.setup(dump, monkeypatch)
     before = snapshot(root)
     argv = ["train", "--job.config_file", str(config), "--job.dump_folder", str(dump), *FAST_ARGS, *STEPS, *extra]
+    if case.command is not None:
+        argv = [a.format(dump=dump) for a in case.command] + extra
     try:
         code, out, err = run_subprocess(argv) if case.subprocess else run_cli(argv, capsys)
     finally:
