@@ -155,6 +155,9 @@ class Checkpoint:
     fail_on_corruption: bool = False
     """A corrupt latest step stops auto-resume with an error, instead of falling back to the previous step."""
 
+    require_checksums: bool = False
+    """Refuse to load a step without checksums (TorchTitan's), instead of loading it unverified with a warning."""
+
     preemption_grace_seconds: float = 60.0
     """After SIGTERM: finish the step, commit a checkpoint and exit 0; give up (exit 1) after this many seconds."""
 
