@@ -3,10 +3,19 @@
 Keys follow TorchTitan v0.2.x. Model parameters go flat at the top level; the optimizer is
 flattened and keyed by parameter FQN (``optimizer.state.<fqn>.exp_avg``), so the layout does not
 depend on parameter order or on how the model is sharded.
+
+A checkpoint may be damaged or foreign (a step without checksums, or one whose manifest was
+rewritten to match), so every value a component restores is checked for type and range first:
+``check_state_dict`` raises :class:`LoadedValueError` naming the key, and ``load_state_dict``
+changes nothing before its check passed. :class:`StagedLoad` goes one further for a whole load:
+every component is checked before any is changed.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from savepoint.errors import CorruptCheckpointError
+
 MODEL = "model"
 OPTIMIZER = "optimizer"
 LR_SCHEDULER = "lr_scheduler"
@@ -27,6 +38,101 @@ DATALOADER = "dataloader"
 TRAIN_STATE = "train_state"
 # Components a user may leave out of a load with --checkpoint.exclude_from_loading.
 EXCLUDABLE = (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE)
+# Counters (steps, tokens, sample positions) are int64 wherever torch or TorchTitan stores them.
+MAX_COUNT = 2**63 - 1
+
+
+class LoadedValueError(CorruptCheckpointError):
+    """A value in a checkpoint has the wrong type or is out of range (``key`` is relative to its component).
+
+    A subclass of ``CorruptCheckpointError``: savepoint never saves such a value, so the step is
+    damaged (or foreign), and auto-resume falls back to the step before it, as for a checksum mismatch.
+    """
+
+    def __init__(self, key: str, value: Any, requirement: str):
+        self.key, self.value, self.requirement = key, value, requirement
+        super().__init__(f"{key} is {_show(value)}, but it must be {requirement}")
+
+
+def _show(value: Any) -> str:
+    """A short description of a loaded value for an error line (never a whole tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.is_complex():
+            return f"{value.item()!r} (a {value.dtype} tensor)"
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) or isinstance(value, bool) \
+        else text
+
+
+def _scalar(value: Any, integer: bool) -> int | float | None:
+    """The Python number a loaded value stands for (a 0-d tensor counts, a bool does not); None if not one."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        if integer and value.is_floating_point():
+            return None
+        return value.item()
+    if isinstance(value, bool):
+        return None
+    if integer:
+        return value if isinstance(value, int) else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def check_count(key: str, value: Any, minimum: int = 0, maximum: int = MAX_COUNT) -> int:
+    """``value`` as an int in ``[minimum, maximum]``.
+
+    Raises:
+        LoadedValueError: it is not an int (a 0-d integer tensor counts) or is out of range.
+    """
+    number = _scalar(value, integer=True)
+    if number is None or not minimum <= number <= maximum:
+        bound = "below 2**63" if maximum == MAX_COUNT else f"<= {maximum}"
+        raise LoadedValueError(key, value, f"an int >= {minimum} and {bound}")
+    return int(number)
+
+
+def check_real(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False) -> float:
+    """``value`` as a finite float within the bounds (open or closed at each end).
+
+    Raises:
+        LoadedValueError: it is not a number, not finite, or out of range.
+    """
+    number = _scalar(value, integer=False)
+    ok = number is not None and math.isfinite(number)
+    ok = ok and (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
+    if not ok:
+        if math.isinf(high):
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise LoadedValueError(key, value, f"a finite number {where}")
+    return float(number)  # type: ignore[arg-type]
+
+
+def check_type(key: str, value: Any, like: Any) -> None:
+    """``value`` has the type of ``like`` (what this run would save there); None matches only None."""
+    if type(value) is not type(like):
+        raise LoadedValueError(key, value, f"of type {type(like).__name__}, like {like!r}")
+
+
+def check_rng_state(key: str, value: Any, current: torch.Tensor, generator: torch.Generator | None) -> None:
+    """An RNG state: a uint8 tensor of the size this torch uses, and (for the CPU) a valid generator state.
+
+    Raises:
+        LoadedValueError: wrong type, dtype or size, or a state the generator refuses.
+    """
+    want = f"a {current.dtype} tensor of shape {list(current.shape)} (torch's RNG state)"
+    if not isinstance(value, torch.Tensor) or value.dtype != current.dtype or value.shape != current.shape:
+        raise LoadedValueError(key, value, want)
+    if generator is not None:
+        try:
+            generator.set_state(value.clone())  # a scratch generator: the global one is not touched
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise LoadedValueError(key, value, f"{want} that torch accepts ({e})") from None
 
 
 class ModelState:
@@ -42,6 +148,24 @@ class ModelState:
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
 
 
+# AdamW hyperparameters in a param group: key -> check of the loaded value.
+_GROUP_CHECKS: dict[str, Callable[[str, Any], object]] = {
+    "lr": lambda k, v: check_real(k, v, 0.0),
+    "initial_lr": lambda k, v: check_real(k, v, 0.0),
+    "eps": lambda k, v: check_real(k, v, 0.0, low_open=True),
+    "weight_decay": lambda k, v: check_real(k, v, 0.0),
+}
+_GROUP_SWITCHES = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+_GROUP_OPTIONAL_SWITCHES = ("foreach", "fused")
+
+
+def _check_betas(key: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise LoadedValueError(key, value, "a pair of numbers in [0, 1)")
+    for i, beta in enumerate(value):
+        check_real(f"{key}[{i}]", beta, 0.0, 1.0, high_open=True)
+
+
 class OptimizerState(Stateful):
     """AdamW state flattened to ``state.<fqn>.<name>`` and ``param_groups.<fqn>.<key>``."""
 
@@ -54,7 +178,32 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hyperparameters numeric and in range (lr, betas, eps, weight_decay), switches bool, steps counts.
+
+        Raises:
+            LoadedValueError: naming the first bad key.
+        """
+        for key, value in state_dict.items():
+            name = key.rsplit(".", 1)[-1]
+            if key.startswith("param_groups."):
+                if name in _GROUP_CHECKS:
+                    _GROUP_CHECKS[name](key, value)
+                elif name == "betas":
+                    _check_betas(key, value)
+                elif name in _GROUP_SWITCHES and not isinstance(value, bool):
+                    raise LoadedValueError(key, value, "true or false")
+                elif name in _GROUP_OPTIONAL_SWITCHES and not (value is None or isinstance(value, bool)):
+                    raise LoadedValueError(key, value, "true, false or None")
+                elif not (value is None or isinstance(value, (bool, int, float, str))):
+                    raise LoadedValueError(key, value, "a plain number, string or switch")
+            elif key.startswith("state.") and name == "step":
+                check_real(key, value, 0.0)  # AdamW keeps its step as a float tensor
+            elif key.startswith("state.") and not isinstance(value, torch.Tensor):
+                raise LoadedValueError(key, value, "a tensor")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
 
 
@@ -67,7 +216,36 @@ class LRSchedulerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Counters are counts, learning rates finite and >= 0 (one per param group), nothing else is code.
+
+        ``LRScheduler.load_state_dict`` copies every key into the scheduler's ``__dict__``, so only
+        the keys this scheduler saves are accepted, each with the type it saves.
+
+        Raises:
+            LoadedValueError: naming the first bad key.
+        """
+        ours = self.scheduler.state_dict()
+        groups = len(self.scheduler.optimizer.param_groups)
+        for key, value in state_dict.items():
+            if key not in ours:
+                raise LoadedValueError(key, value, f"absent (this scheduler saves only {sorted(ours)})")
+            if key in ("last_epoch", "_step_count"):
+                check_count(key, value)
+            elif key in ("base_lrs", "_last_lr"):
+                if not isinstance(value, list) or len(value) != groups:
+                    raise LoadedValueError(key, value, f"a list of {groups} learning rate(s)")
+                for i, lr in enumerate(value):
+                    check_real(f"{key}[{i}]", lr, 0.0)
+            elif key == "lr_lambdas":
+                # None per plain function (ours); a dict would be copied into the function's attributes.
+                if not isinstance(value, list) or len(value) != groups or any(v is not None for v in value):
+                    raise LoadedValueError(key, value, f"a list of {groups} None (the schedule comes from the config)")
+            else:
+                check_type(key, value, ours[key])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         self.scheduler.load_state_dict(state_dict)
 
 
@@ -84,11 +262,90 @@ class TrainState(Stateful):
             rng["cuda"] = torch.cuda.get_rng_state()
         return {"step": self.step, "ntokens_seen": self.ntokens_seen, "rng_state": rng}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-        self.ntokens_seen = int(state_dict["ntokens_seen"])
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Step and tokens are counts >= 0; each RNG state has torch's type, dtype and size.
+
+        A step beyond ``--training.steps`` is fine (there is nothing left to train).
+
+        Raises:
+            LoadedValueError: naming the first bad key.
+        """
+        check_count("step", state_dict.get("step"))
+        check_count("ntokens_seen", state_dict.get("ntokens_seen"))
         rng = state_dict.get("rng_state") or {}  # TorchTitan checkpoints carry no RNG state
+        if not isinstance(rng, dict):
+            raise LoadedValueError("rng_state", rng, "a dict of RNG states")
+        if "cpu" in rng:
+            check_rng_state("rng_state.cpu", rng["cpu"], torch.get_rng_state(), torch.Generator())
+        if "cuda" in rng and torch.cuda.is_available():
+            check_rng_state("rng_state.cuda", rng["cuda"], torch.cuda.get_rng_state(), None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
+        self.step = check_count("step", state_dict["step"])
+        self.ntokens_seen = check_count("ntokens_seen", state_dict["ntokens_seen"])
+        rng = state_dict.get("rng_state") or {}
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+class StagedLoad:
+    """One load's components: DCP hands each its values, and nothing changes until every one checked out.
+
+    ``wrap`` each component before giving it to ``dcp.load`` (innermost, under any key-renaming
+    wrapper); then ``apply`` checks every component's values and only then loads them all.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, Stateful, dict[str, Any]]] = []
+
+    def wrap(self, name: str, component: Stateful) -> Stateful:
+        return _Staged(self, name, component)
+
+    def apply(self, path: Path, metadata: Any = None) -> None:
+        """Check every staged component's values, then load them all.
+
+        Raises:
+            CorruptCheckpointError: a value is of the wrong type or out of range; nothing was loaded.
+        """
+        for name, component, state_dict in self._pending:
+            check = getattr(component, "check_state_dict", None)
+            if check is None:
+                continue
+            try:
+                check(state_dict)
+            except LoadedValueError as e:
+                key = f"{name}.{e.key}"
+                raise CorruptCheckpointError(
+                    f"{_file_of(path, metadata, key)}: {key} is {_show(e.value)}, but it must be {e.requirement}; "
+                    "the step is damaged or was not written by savepoint or TorchTitan, and nothing was "
+                    "restored from it") from None
+        for _, component, state_dict in self._pending:
+            component.load_state_dict(state_dict)
+        self._pending.clear()
+
+
+class _Staged(Stateful):
+    def __init__(self, staged: StagedLoad, name: str, inner: Stateful):
+        self.staged, self.name, self.inner = staged, name, inner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.staged._pending.append((self.name, self.inner, state_dict))
+
+
+def _file_of(path: Path, metadata: Any, key: str) -> Path:
+    """The data file that holds ``key`` (a flattened checkpoint key, or a prefix of one), else the step folder."""
+    storage = getattr(metadata, "storage_data", None) or {}
+    key = key.split("[", 1)[0]  # betas[0] is stored with betas
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", "")
+        if fqn == key or fqn.startswith(key + ".") or key.startswith(fqn + "."):
+            relative = getattr(info, "relative_path", None)
+            if isinstance(relative, str) and relative:
+                return Path(path) / relative
+    return Path(path)

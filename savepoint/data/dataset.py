@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
+from savepoint.checkpoint.states import check_count
 from savepoint.data.tokenizer import ByteTokenizer
 from savepoint.errors import SavepointError
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 DATASETS = {"pydocs": ASSETS / "pydocs.txt"}
 DOC_SEPARATOR = "\n\n\n"
+EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with seed s * stride + e
+MAX_SAMPLE_INDEX = 2**63 - 1  # positions are int64 wherever torch or TorchTitan stores them
 
 
 @lru_cache(maxsize=4)
@@ -56,9 +59,15 @@ class SampleStream:
             )
         self._order: tuple[int, torch.Tensor] | None = None
 
+    @property
+    def max_index(self) -> int:
+        """The last sample index the stream can address: int64, and every epoch's seed fits torch's generator."""
+        epochs = (2**64 - 1) - self.seed * EPOCH_SEED_STRIDE  # manual_seed takes an unsigned 64-bit seed
+        return min(MAX_SAMPLE_INDEX, epochs * self.samples_per_epoch - 1)
+
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
             self._order = (epoch, torch.randperm(self.samples_per_epoch, generator=gen))
         return self._order[1]
 
@@ -100,7 +109,18 @@ class DataLoader(Stateful):
         # Every rank holds the same values, so the checkpoint keeps one copy.
         return {"sample_index": self.sample_index, "dp_degree": self.dp_degree}
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The position is an int the stream can address (>= 0); ``dp_degree`` a degree >= 1.
+
+        Raises:
+            LoadedValueError: naming the bad key.
+        """
+        check_count("sample_index", state_dict.get("sample_index"), maximum=self.stream.max_index)
+        if "dp_degree" in state_dict:
+            check_count("dp_degree", state_dict["dp_degree"], minimum=1, maximum=2**31 - 1)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         self.sample_index = int(state_dict["sample_index"])
         saved_degree = int(state_dict.get("dp_degree", self.dp_degree))
         if saved_degree != self.dp_degree:
