@@ -22,6 +22,11 @@ class CheckpointError(SavepointError):
     """A checkpoint could not be saved, found or loaded."""
 
 
+class FatalCheckpointError(SavepointError):
+    """A checkpoint problem no later save can fix (the ranks do not share one folder, the folder lock
+    is lost to another job): the job stops, where a failed periodic save would let training go on."""
+
+
 class NotSupportedYet(SavepointError):
     """An option that parses but whose feature has not landed yet."""
 

@@ -8,17 +8,41 @@ while rank 0 kept an error to itself.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from savepoint.errors import CheckpointError, SavepointError
+from savepoint.errors import CheckpointError, FatalCheckpointError, SavepointError
 
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def my_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A rank's error as every rank receives it: one line ('rank R: Type: message'), the errno of the
+    OSError behind it (None if none), and whether no later save can succeed either (``fatal``)."""
+
+    message: str
+    errno: int | None = None
+    fatal: bool = False
+
+    @classmethod
+    def of(cls, error: BaseException, rank: int | None = None) -> Failure:
+        if isinstance(error, FatalCheckpointError):
+            return cls(str(error), error_errno(error), fatal=True)  # its message says all, ranks included
+        message = root_cause(error)
+        if rank is not None and not message.startswith("rank "):
+            message = f"rank {rank}: {message}"
+        return cls(message, error_errno(error))
 
 
 class Coordinator:
@@ -68,6 +92,17 @@ class Coordinator:
                 return message if message.startswith("rank ") else f"rank {rank}: {message}"
         return None
 
+    def agree(self, error: BaseException | None, report: Any = None) -> tuple[Failure | None, list[Any]]:
+        """One gather: the lowest failing rank's Failure (None if every rank succeeded), the same on
+        every rank, and every rank's ``report`` (any picklable object), indexed by rank."""
+        mine = (None if error is None else Failure.of(error, my_rank()), report)
+        if self.group is None:
+            return mine[0], [report]
+        everyone: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        failure = next((f for f, _ in everyone if f is not None), None)
+        return failure, [r for _, r in everyone]
+
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object), on every rank."""
         if self.group is None:
@@ -80,19 +115,21 @@ class Coordinator:
         """Run ``fn`` on rank 0 only; every rank gets its result, or raises the same CheckpointError.
 
         Other ranks wait in a collective meanwhile, so an error rank 0 kept to itself would hang
-        them: every error is caught and shared.
+        them: every error is caught and shared. A FatalCheckpointError stays one on every rank.
         """
         outcome: tuple[bool, Any] = (True, None)
         if is_rank0():
             try:
                 outcome = (True, fn())
+            except FatalCheckpointError as e:
+                outcome = (False, Failure(str(e), fatal=True))
             except SavepointError as e:
-                outcome = (False, str(e))
+                outcome = (False, Failure(str(e)))
             except (Exception, CheckpointException) as e:
-                outcome = (False, f"{what} failed: {root_cause(e)}")
+                outcome = (False, Failure(f"{what} failed: {root_cause(e)}", error_errno(e)))
         ok, value = self.from_rank0(outcome)
         if not ok:
-            raise CheckpointError(value)
+            raise (FatalCheckpointError if value.fatal else CheckpointError)(value.message)
         return value
 
     def close(self) -> None:
@@ -107,3 +144,17 @@ def root_cause(error: BaseException) -> str:
         rank, (inner, _trace) = next(iter(error.failures.items()))
         return f"rank {rank}: {type(inner).__name__}: {inner}"
     return f"{type(error).__name__}: {error}"
+
+
+def error_errno(error: BaseException | None) -> int | None:
+    """The errno of the OSError behind ``error``: itself, DCP's failing rank's error, or their causes."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]
+        else:
+            error = error.__cause__ or error.__context__
+        seen += 1
+    return None

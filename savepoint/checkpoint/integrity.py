@@ -63,11 +63,22 @@ class _HashingStream(io.RawIOBase):
         self.hasher = xxhash.xxh3_128()
         self.segments: list[list[Any]] = []
         self.pool: ThreadPoolExecutor | None = None
+        # The first write error (ENOSPC, EFBIG, EIO...): torch's zip writer replaces it with its own
+        # "unexpected pos" RuntimeError, so create_stream raises this one instead.
+        self.error: OSError | None = None
+
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
+        try:
+            return self._write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def _write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         if view.nbytes >= OVERLAP_MIN:
             # xxhash releases the GIL: hash on the helper thread while this one is in write(2).
@@ -154,6 +165,10 @@ class HashingFileSystem(FileSystem):
         stream = _HashingStream(path.open("wb"))
         try:
             yield stream
+        except Exception as e:
+            if stream.error is not None and e is not stream.error:
+                raise stream.error from e  # the errno, not the zip writer's "unexpected pos"
+            raise
         finally:
             stream.close()
         record = {"file": path.name, "size": stream.pos, "algorithm": ALGORITHM, "segments": stream.segments}
@@ -293,7 +308,11 @@ class VerifyingReader(FileSystemReader):
         return bool(self.files)
 
     def check_sizes(self) -> None:
-        """Every file the manifest names exists with its size (catches truncation before reading)."""
+        """Every file the manifest names exists with its size (catches truncation before reading), and
+        so does every file ``.metadata`` names (a step committed without some rank's shards)."""
+        for name in sorted({info.relative_path for info in getattr(self._metadata, "storage_data", {}).values()}):
+            if name not in self.files and not (Path(self.path) / name).is_file():
+                raise CorruptCheckpointError(f"{Path(self.path) / name} is missing (named in .metadata)")
         for name, entry in self.files.items():
             path = Path(self.path) / name
             size = path.stat().st_size if path.is_file() else None

@@ -11,6 +11,11 @@ job is not "held": the next job takes it over and warns, naming the job that lef
 release (``close()``, or interpreter exit) removes the file. The file is removed only by a holder,
 while it holds the lock, and an acquirer checks after locking that the path still names the file
 it locked, so two jobs can never both believe they hold it.
+
+The lock file is opened without following a symlink and must be a regular file: a symlink, FIFO
+or folder in its place is refused, never written through. Each save checks the lock still stands
+(``ensure_held``): if the folder was deleted or the lock file replaced meanwhile, the job takes the
+lock again in the folder as it is now, or stops if another job holds it by then.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from savepoint.errors import CheckpointError
+from savepoint.errors import CheckpointError, FatalCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +113,48 @@ class FolderLock:
         self._fd = fd
         _held.add(self)
 
+    def ensure_held(self) -> None:
+        """At each save: the lock file at ``path`` is still the one this object locked; if not, take it again.
+
+        Deleting the checkpoint folder (or the lock file) mid-run would otherwise leave the job
+        saving into a folder that no lock guards, where a second job could start writing too.
+
+        Raises:
+            FatalCheckpointError: the lock was lost and cannot be taken again (another job holds it now).
+        """
+        if self._fd is None or self._still_linked(self._fd):
+            return
+        lost = "was deleted" if not self.root.is_dir() else "lost its lock file (deleted or replaced)"
+        fd, self._fd = self._fd, None
+        _held.discard(self)
+        os.close(fd)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.acquire()
+        except (OSError, CheckpointError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise FatalCheckpointError(
+                f"checkpoint folder {self.root} {lost} while this job was saving into it, and the job could not "
+                f"lock it again ({reason}); stopping rather than writing into a folder another job may be using. "
+                "Do not delete or replace the checkpoint folder or its .savepoint.lock while a job runs") from None
+        logger.warning("checkpoint folder %s %s while this job was saving into it: took its lock again; steps "
+                       "deleted with it are gone. Do not delete the checkpoint folder or its %s while a job runs",
+                       self.root, lost, LOCK_NAME)
+
     def _open_and_lock(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a symlink planted here must not make the lock overwrite its target;
+            # O_NONBLOCK: a FIFO must not block the open.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
+            kind = _kind(self.path)
+            if kind:
+                raise CheckpointError(self._not_a_file_message(kind)) from None
             raise CheckpointError(f"cannot create the lock file {self.path}: {e.strerror}") from e
+        kind = "" if stat.S_ISREG(os.fstat(fd).st_mode) else _kind(self.path) or "not a regular file"
+        if kind:
+            os.close(fd)
+            raise CheckpointError(self._not_a_file_message(kind))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -124,10 +167,14 @@ class FolderLock:
                                   "filesystem for --checkpoint.folder") from e
         return fd
 
+    def _not_a_file_message(self, kind: str) -> str:
+        return (f"the lock file {self.path} is {kind}, not a regular file, so it was not opened (savepoint never "
+                "writes through it); remove it (savepoint creates the lock file itself) and start the job again")
+
     def _still_linked(self, fd: int) -> bool:
         try:
-            here = os.stat(self.path)
-        except FileNotFoundError:
+            here = os.lstat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
             return False
         mine = os.fstat(fd)
         return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
@@ -155,6 +202,20 @@ class FolderLock:
             logger.warning("could not remove the lock file %s (%s); the next job takes it over", self.path, e)
         finally:
             os.close(fd)  # drops the flock
+
+
+def _kind(path: Path) -> str:
+    """'a symbolic link', 'a FIFO', ... for what is at ``path`` if it is not a regular file; '' otherwise."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return ""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return ""
 
 
 @atexit.register

@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
-from savepoint.checkpoint.coordination import Coordinator, is_rank0, root_cause
+from savepoint.checkpoint.completeness import check_complete, remove_mark, writer_view
+from savepoint.checkpoint.coordination import Coordinator, Failure, is_rank0, my_rank, root_cause
 from savepoint.checkpoint.integrity import (
     HashingWriter,
     VerifyingReader,
@@ -32,11 +33,17 @@ from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.staging import AsyncSaver
-from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
+from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
-from savepoint.errors import CheckpointError, CorruptCheckpointError, NotSupportedYet, UnsafeCheckpointError
+from savepoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    FatalCheckpointError,
+    NotSupportedYet,
+    UnsafeCheckpointError,
+)
 from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
@@ -237,7 +244,7 @@ class CheckpointManager:
         with the step committed, or every rank raises and the staging folder is gone.
         """
         staging = self.folder.staging_dir(step)
-        self.coord.run_on_rank0(lambda: self.folder.begin(step), f"saving step {step}: creating {staging}")
+        self.coord.run_on_rank0(lambda: self._begin(step), f"saving step {step}: creating {staging}")
         start = time.perf_counter()
         error: BaseException | None = None
         state: dict[str, Any] = {}
@@ -259,24 +266,48 @@ class CheckpointManager:
                 error = e
         self._finish(step, kind, staging, error, start)
 
+    def _begin(self, step: int) -> Path:
+        """Rank 0, as each save begins: check the folder lock is still this job's, then make the staging folder.
+
+        Raises:
+            FatalCheckpointError: the lock was lost (folder deleted, lock file replaced) and another
+                job holds it now.
+        """
+        if self.lock is not None:
+            self.lock.ensure_held()
+        return self.folder.begin(step)
+
     def _finish(self, step: int, kind: str, staging: Path, error: BaseException | None, start: float,
-                how: str = "") -> None:
-        """Agree on the write's outcome; commit on rank 0 if every rank succeeded, else remove the staging folder."""
-        failure = self.coord.first_failure(error)  # the same on every rank
+                how: str = "", what: str = "") -> None:
+        """Agree on the write's outcome; commit on rank 0 if every rank succeeded and rank 0's folder
+        holds every rank's files, else remove the staging folder. Logs the step's size on every rank.
+
+        Raises:
+            FatalCheckpointError: the ranks do not save into one folder (on every rank alike).
+            CheckpointError: some rank's write, or the commit, failed (on every rank alike).
+        """
+        failure, views = self.coord.agree(error, writer_view(staging, my_rank()))  # the same on every rank
+        total = 0
         if failure is None:
-            failure = self.coord.run_on_rank0(lambda: self._commit(step, kind, staging), "committing")
+            failure, total = self.coord.run_on_rank0(lambda: self._commit(step, kind, staging, views), "committing")
         elif is_rank0():
             self.folder.abort(step)
+        if failure is not None and failure.fatal:
+            if not is_rank0() and views[my_rank()].mark != views[0].mark:
+                self.folder.abort(step)  # this rank's own copy, which rank 0 never saw
+            raise FatalCheckpointError(failure.message) from error
         if failure is not None:
             raise CheckpointError(
-                f"{how}saving step {step} to {self.folder.step_dir(step)} failed ({failure}); "
+                f"{how}saving step {step} {what}to {self.folder.step_dir(step)} failed ({failure.message}); "
                 f"nothing was committed and earlier steps are intact"
-                f"{disk_full_hint(failure, self.folder.root, self.cfg.keep_latest_k)}"
+                f"{disk_full_hint(failure.errno, self.folder.root, self.cfg.keep_latest_k)}"
             ) from error
         seconds = time.perf_counter() - start
-        nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
-        logger.info("saved step %d (%s%s) to %s: %s", step, how, kind, self.folder.step_dir(step),
-                    _rate(nbytes, seconds))
+        mine = sum(views[my_rank()].files.values())
+        share = f"; this rank wrote {mine / 1e9:.3f} GB of it" if len(views) > 1 and kind != "hf" else ""
+        label = f"Hugging Face safetensors, {self.cfg.export_dtype}" if kind == "hf" else f"{how}{kind}"
+        logger.info("saved step %d (%s) to %s: %s%s", step, label, self.folder.step_dir(step),
+                    _rate(total, seconds), share)
 
     def _write_hf(self, step: int, dtype: torch.dtype) -> None:
         """The final save as a Hugging Face folder: ``step-N/model*.safetensors``, index, config, tokenizer.
@@ -288,7 +319,7 @@ class CheckpointManager:
         if self.hf_adapter is None:
             raise CheckpointError("--checkpoint.last_save_in_hf: this model has no Hugging Face adapter")
         staging = self.folder.staging_dir(step)
-        self.coord.run_on_rank0(lambda: self.folder.begin(step), f"saving step {step}: creating {staging}")
+        self.coord.run_on_rank0(lambda: self._begin(step), f"saving step {step}: creating {staging}")
         start = time.perf_counter()
         model_sd = self.model_state.state_dict()
         out_dtype = {k: dtype if torch.is_floating_point(v) else v.dtype for k, v in model_sd.items()}
@@ -311,27 +342,21 @@ class CheckpointManager:
                 error = e
             finally:
                 writer.close()
-        failure = self.coord.first_failure(error)
-        if failure is None:
-            failure = self.coord.run_on_rank0(lambda: self._commit(step, "hf", staging), "committing")
-        elif is_rank0():
-            self.folder.abort(step)
-        if failure is not None:
-            raise CheckpointError(f"saving step {step} as a Hugging Face folder to {self.folder.step_dir(step)} "
-                                  f"failed ({failure}); nothing was committed and earlier steps are intact"
-                                  f"{disk_full_hint(failure, self.folder.root, self.cfg.keep_latest_k)}") from error
-        nbytes = folder_bytes(self.folder.step_dir(step)) if is_rank0() else 0
-        logger.info("saved step %d (Hugging Face safetensors, %s) to %s: %s", step, self.cfg.export_dtype,
-                    self.folder.step_dir(step), _rate(nbytes, time.perf_counter() - start))
+        self._finish(step, "hf", staging, error, start, what="as a Hugging Face folder ")
 
-    def _commit(self, step: int, kind: str, staging: Path) -> str | None:
-        """Rank 0: publish the step; returns None, or why it could not (the staging folder is then gone)."""
+    def _commit(self, step: int, kind: str, staging: Path, views: list) -> tuple[Failure | None, int]:
+        """Rank 0: check that the staging folder holds every rank's files, then publish the step.
+
+        Returns (None, the step's bytes), or (why it could not, 0): the staging folder is then gone.
+        """
         try:
+            check_complete(step, staging, views)
+            remove_mark(staging)  # before the manifest lists the files
             self.folder.commit(step, manifest_bytes(self._manifest(step, kind, staging)))
         except (Exception, CheckpointException) as e:
             self.folder.abort(step)
-            return f"rank 0: {root_cause(e)}"
-        return None
+            return Failure.of(e, 0), 0
+        return None, folder_bytes(self.folder.step_dir(step))
 
     def _manifest(self, step: int, kind: str, staging: Path) -> dict[str, Any]:
         checksums = collect_checksums(staging)  # first: it removes the writers' sidecars
@@ -526,14 +551,12 @@ class CheckpointManager:
                         path)
         self._check_model_fits(path, {names[k]: t for k, t in model_sd.items()}, saved_keys)
         state: dict[str, Any] = {names[k]: t for k, t in model_sd.items()}
-        staged = StagedLoad()  # every component's values are checked before any component changes
         if not model_only:
             for name, component in self.states.items():
                 if name in self.cfg.exclude_from_loading:
                     continue
                 if not any(k.startswith(name + ".") for k in saved_keys):
                     raise self._missing_component_error(path, name, source_step)
-                component = staged.wrap(name, component)
                 if name == TRAIN_STATE:
                     component = _SavedRNGOnly(component, saved_keys)
                 if name == OPTIMIZER and v03:
@@ -544,7 +567,6 @@ class CheckpointManager:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:
             raise _as_checkpoint_error(root_cause(e), path) from e
-        staged.apply(path, saved)
         self.model_state.load_state_dict(model_sd)
         seconds = time.perf_counter() - start
         nbytes = _bytes_read(saved, state)

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from savepoint.checkpoint.completeness import leave_mark, remove_mark
 from savepoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -59,15 +60,16 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def disk_full_hint(failure: str, root: Path, keep_latest_k: int) -> str:
-    """For a save that failed with ENOSPC or EFBIG (``failure`` is its one-line cause): what to do, else ''."""
-    if f"[Errno {errno.ENOSPC}]" in failure or "No space left" in failure:
+def disk_full_hint(error_number: int | None, root: Path, keep_latest_k: int) -> str:
+    """For a save that failed with ENOSPC, EDQUOT or EFBIG (the errno behind its failure): what to do, else ''."""
+    if error_number in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f" ({shutil.disk_usage(root).free / 1e9:.2f} GB free now)"
         except OSError:
             free = ""
-        what = f"the disk holding {root} is full{free}"
-    elif f"[Errno {errno.EFBIG}]" in failure or "File too large" in failure:
+        quota = " or its quota is used up" if error_number == errno.EDQUOT else ""
+        what = f"the disk holding {root} is full{quota}{free}"
+    elif error_number == errno.EFBIG:
         what = (f"a file under {root} hit a size limit (file too large: the filesystem's maximum file size, "
                 "or the process's `ulimit -f`)")
     else:
@@ -168,11 +170,12 @@ class CheckpointFolder:
             shutil.rmtree(entry, ignore_errors=True)
 
     def begin(self, step: int) -> Path:
-        """Return an empty hidden staging folder for ``step``."""
+        """Return an empty hidden staging folder for ``step``, holding only this save's mark (see completeness.py)."""
         staging = self.staging_dir(step)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
+        leave_mark(staging)
         return staging
 
     def commit(self, step: int, manifest: bytes) -> Path:
@@ -180,6 +183,7 @@ class CheckpointFolder:
         staging = self.staging_dir(step)
         if not (staging / DCP_MARKER).is_file() and not (staging / HF_MARKER).is_file():
             raise CheckpointError(f"refusing to commit {staging}: the writer produced no {DCP_MARKER}")
+        remove_mark(staging)
         write_bytes_durably(staging / MANIFEST, manifest)
         fsync_dir(staging)
         target = self.step_dir(step)
