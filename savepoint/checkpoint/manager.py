@@ -33,7 +33,7 @@ from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.staging import AsyncSaver
-from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState
+from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
 from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
@@ -551,12 +551,14 @@ class CheckpointManager:
                         path)
         self._check_model_fits(path, {names[k]: t for k, t in model_sd.items()}, saved_keys)
         state: dict[str, Any] = {names[k]: t for k, t in model_sd.items()}
+        staged = StagedLoad()  # every component's values are checked before any component changes
         if not model_only:
             for name, component in self.states.items():
                 if name in self.cfg.exclude_from_loading:
                     continue
                 if not any(k.startswith(name + ".") for k in saved_keys):
                     raise self._missing_component_error(path, name, source_step)
+                component = staged.wrap(name, component)
                 if name == TRAIN_STATE:
                     component = _SavedRNGOnly(component, saved_keys)
                 if name == OPTIMIZER and v03:
@@ -567,6 +569,7 @@ class CheckpointManager:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:
             raise _as_checkpoint_error(root_cause(e), path) from e
+        staged.apply(path, saved)
         self.model_state.load_state_dict(model_sd)
         seconds = time.perf_counter() - start
         nbytes = _bytes_read(saved, state)
