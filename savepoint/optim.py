@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -10,6 +11,8 @@ from torch import nn
 
 from savepoint.config.job_config import LRScheduler as LRSchedulerConfig
 from savepoint.config.job_config import Optimizer as OptimizerConfig
+
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -55,3 +58,26 @@ def lr_factor_fn(cfg: LRSchedulerConfig, total_steps: int) -> Callable[[int], fl
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRSchedulerConfig,
                        total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, total_steps))
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lrs: list[float]) -> None:
+    """After a load, set every param group's lr from this run's schedule at the restored position.
+
+    A load restores the optimizer's param groups, whose ``lr`` is the *old* schedule's last value
+    (0 at the end of a decay), and the scheduler's counters. The scheduler only writes ``lr`` at
+    its next ``step()``, so without this the first step after the load would train at the stale
+    value. ``peak_lrs`` are this run's ``--optimizer.lr`` per group (the checkpoint's ``base_lrs``
+    and ``initial_lr`` are the old run's). With unchanged settings this recomputes the same floats
+    the scheduler last wrote, so a resume stays bit-exact.
+    """
+    n = scheduler.last_epoch
+    lrs = [peak * fn(n) for peak, fn in zip(peak_lrs, scheduler.lr_lambdas, strict=True)]
+    stale = [group["lr"] for group in scheduler.optimizer.param_groups]
+    for group, peak, lr in zip(scheduler.optimizer.param_groups, peak_lrs, lrs, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = lr
+    scheduler.base_lrs = list(peak_lrs)
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports
+    if stale != lrs:
+        logger.info("learning rate after %d scheduler steps: %.3e from this run's schedule (the checkpoint held "
+                    "%.3e, from the schedule it was saved with)", n, lrs[0], stale[0])

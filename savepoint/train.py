@@ -41,7 +41,7 @@ from savepoint.errors import CheckpointError
 from savepoint.hf.llama3 import Llama3HFAdapter
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
-from savepoint.optim import build_lr_scheduler, build_optimizer
+from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
+        self.peak_lrs = list(self.lr_scheduler.base_lrs)  # this run's, whatever a checkpoint says
         self.dataloader = build_dataloader(t.dataset, t.seq_len, t.local_batch_size, t.seed,
                                            dp_rank=dp_rank(self.mesh, self.dims), dp_degree=self.dims.dp)
         self.train_state = TrainState()
@@ -181,6 +182,8 @@ class Trainer:
         if not self._loaded:
             self.loaded_step = self.checkpointer.load(step=self.cfg.checkpoint.load_step)
             self._loaded = True
+            if self.loaded_step is not None:  # the next step's lr comes from this run's schedule
+                resume_schedule(self.lr_scheduler, self.peak_lrs)
         return self.loaded_step
 
     def create_seed_checkpoint(self) -> None:

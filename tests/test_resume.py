@@ -219,3 +219,30 @@ def test_seed_checkpoint_refuses_a_folder_with_steps(train, tmp_path):
         trainer.create_seed_checkpoint()
     trainer.checkpointer.close()  # releases the folder lock (and removes its file)
     assert sorted(p.name for p in (tmp_path / "run/checkpoint").iterdir()) == before
+
+
+def logged_lrs(dump_folder) -> dict[int, float]:
+    """step -> lr from the job's metrics.jsonl (later runs overwrite earlier entries)."""
+    import json
+
+    lines = (dump_folder / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["lr"] for rec in map(json.loads, lines)}
+
+
+def test_resume_with_more_steps_uses_the_new_schedule_at_once(train, tmp_path):
+    """Step 21 of a 20-step run resumed with --training.steps 22 trains at the 22-step schedule's lr, not 0."""
+    train(dump=tmp_path / "resumed")  # 20 steps: the schedule decays to 0 at step 20
+    train("--training.steps", "22", dump=tmp_path / "resumed")
+    train("--training.steps", "22", dump=tmp_path / "fresh", stop_after=21)
+    resumed, fresh = logged_lrs(tmp_path / "resumed"), logged_lrs(tmp_path / "fresh")
+    assert fresh[21] > 0
+    assert resumed[21] == fresh[21]
+
+
+def test_lr_follows_the_schedule_after_excluding_the_scheduler(train, tmp_path):
+    """The optimizer's restored lr (step 10's) is replaced by the restarted schedule's first value."""
+    train(dump=tmp_path / "a", stop_after=10)
+    trainer = train("--checkpoint.exclude_from_loading", "lr_scheduler", dump=tmp_path / "a", stop_after=11)
+    fresh = train(dump=tmp_path / "b", stop_after=1)
+    assert logged_lrs(tmp_path / "a")[11] == logged_lrs(tmp_path / "b")[1]
+    assert trainer.lr_scheduler.last_epoch == 1 and fresh.lr_scheduler.last_epoch == 1
