@@ -1,17 +1,12 @@
-"""The ``savepoint`` command. The only place that configures logging or exits the process.
+"""The ``savepoint`` command: the only place that configures logging or exits the process.
 
-    savepoint train [--section.key value ...]   train (run_train.sh launches this under torchrun)
-    savepoint check [--section.key value ...]   validate a config without importing torch
-    savepoint inspect FOLDER|STEP_DIR           list committed steps and what they hold
-    savepoint verify FOLDER|STEP_DIR            check every file against the checksums saved with it
-    savepoint convert from_hf|to_hf IN OUT --model_flavor F [--hf_assets_path P] [--export_dtype D]
-                                                offline HF <-> DCP conversion
-    savepoint convert to_torchtune STEP_DIR OUT.pt --model_flavor F [--dtype D]
-                                                a step's weights as a torchtune .pt
+Help (``--help``, ``-h``, or no arguments) goes to stdout with exit 0; every failure is one
+``error: ...`` line on stderr with exit 1.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -19,7 +14,33 @@ import warnings
 
 from savepoint.errors import SavepointError
 
-USAGE = __doc__
+# command -> (arguments, what it does); the order is the order of `savepoint --help`.
+COMMAND_HELP = {
+    "train": ("[--section.key value ...]", "train (run_train.sh launches this under torchrun)"),
+    "check": ("[--section.key value ...]", "validate a config without importing torch"),
+    "inspect": ("FOLDER|STEP_DIR", "list committed steps and what they hold"),
+    "verify": ("FOLDER|STEP_DIR", "check every file against the checksums saved with it"),
+    "convert": ("from_hf|to_hf|to_torchtune ...", "convert between DCP, Hugging Face and torchtune"),
+}
+
+USAGE = "usage: savepoint COMMAND [ARGS]\n\n" + "\n".join(
+    f"    savepoint {name + ' ' + args:<42} {what}" for name, (args, what) in COMMAND_HELP.items()
+) + "\n\n`savepoint COMMAND --help` describes a command. --debug (or SAVEPOINT_DEBUG=1) shows tracebacks."
+
+CONVERT_USAGE = """\
+usage: savepoint convert from_hf IN_DIR OUT_DIR [--model_flavor F] [--dtype D]
+       savepoint convert to_hf STEP_DIR OUT_DIR [--model_flavor F] [--hf_assets_path P] [--export_dtype D]
+                                                [--max_shard_size S]
+       savepoint convert to_torchtune STEP_DIR OUT.pt --model_flavor F [--dtype D]
+
+    from_hf        a Hugging Face Llama 3 folder -> a model-only DCP step folder
+    to_hf          a DCP step folder -> a complete Hugging Face folder (safetensors, config, tokenizer)
+    to_torchtune   a DCP step folder's weights -> a torchtune .pt file
+
+`savepoint convert DIRECTION --help` lists a direction's options."""
+
+CONVERSIONS = ("from_hf", "to_hf", "to_torchtune")
+HELP_FLAGS = ("-h", "--help")
 
 
 def setup_logging() -> None:
@@ -35,17 +56,29 @@ def setup_logging() -> None:
     root.setLevel(logging.DEBUG if os.environ.get("SAVEPOINT_DEBUG") else logging.INFO)
 
 
-def _parse_config(argv: list[str]):
+def _parse_config(argv: list[str], prog: str):
     from savepoint.config import help_text, parse_args, wants_help
 
     if wants_help(argv):
-        print(help_text())
+        print(help_text(prog))
         sys.exit(0)
     return parse_args(argv)
 
 
+def _one_path(argv: list[str], command: str) -> str | None:
+    """The one FOLDER|STEP_DIR argument of inspect/verify; None after printing the help it asked for."""
+    args, what = COMMAND_HELP[command]
+    usage = f"usage: savepoint {command} {args}"
+    if len(argv) == 1 and argv[0] in HELP_FLAGS:
+        print(f"{usage}\n\n{what}.")
+        return None
+    if len(argv) != 1:
+        raise SavepointError(f"{usage} (one path, got {len(argv)} arguments)")
+    return argv[0]
+
+
 def cmd_train(argv: list[str]) -> None:
-    cfg = _parse_config(argv)
+    cfg = _parse_config(argv, "savepoint train")
     from savepoint.train import run
 
     run(cfg)
@@ -53,7 +86,7 @@ def cmd_train(argv: list[str]) -> None:
 
 def cmd_check(argv: list[str]) -> None:
     """Validate the config; with SAVEPOINT_WORLD_SIZE set (run_train.sh sets it to NGPU), the layout too."""
-    cfg = _parse_config(argv)
+    cfg = _parse_config(argv, "savepoint check")
     world_size = os.environ.get("SAVEPOINT_WORLD_SIZE")
     if world_size:
         from savepoint.config.layout import resolve_parallel_dims
@@ -62,22 +95,29 @@ def cmd_check(argv: list[str]) -> None:
 
 
 def cmd_inspect(argv: list[str]) -> None:
+    """Print the summary; fails (exit 1) if a step of the folder cannot be read, after listing the rest."""
+    path = _one_path(argv, "inspect")
+    if path is None:
+        return
     from savepoint.inspect import describe
 
-    if len(argv) != 1:
-        raise SavepointError("usage: savepoint inspect FOLDER|STEP_DIR")
-    print(describe(argv[0]))
+    text, unreadable = describe(path)
+    print(text, flush=True)
+    if unreadable:
+        raise SavepointError(f"{len(unreadable)} step(s) of {path} cannot be read: {', '.join(unreadable)} (why is "
+                             f"listed above); `savepoint verify {path}` checks every file")
 
 
 def cmd_verify(argv: list[str]) -> None:
     """Verify each step; prints one line per step and fails (exit 1) if any is damaged."""
+    path = _one_path(argv, "verify")
+    if path is None:
+        return
     from savepoint.checkpoint.integrity import step_dirs, verify_step
 
-    if len(argv) != 1:
-        raise SavepointError("usage: savepoint verify FOLDER|STEP_DIR")
-    steps = step_dirs(argv[0])
+    steps = step_dirs(path)
     if not steps:
-        raise SavepointError(f"{argv[0]} holds no step-N folder to verify")
+        raise SavepointError(f"{path} holds no step-N folder to verify")
     bad = []
     for step_dir in steps:
         report = verify_step(step_dir)
@@ -98,7 +138,12 @@ def cmd_verify(argv: list[str]) -> None:
 
 
 def cmd_convert(argv: list[str]) -> None:
-    if argv and argv[0] == "to_torchtune":
+    if not argv or argv[0] in HELP_FLAGS:
+        print(CONVERT_USAGE)
+        return
+    if argv[0] not in CONVERSIONS:
+        raise SavepointError(_unknown("conversion", argv[0], CONVERSIONS, "savepoint convert --help"))
+    if argv[0] == "to_torchtune":
         from savepoint.hf.torchtune import main as to_torchtune
 
         to_torchtune(argv[1:])
@@ -108,16 +153,28 @@ def cmd_convert(argv: list[str]) -> None:
     run(argv)
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "verify": cmd_verify,
+            "convert": cmd_convert}
+
+
+def _unknown(what: str, given: str, known: tuple[str, ...] | list[str], help_command: str) -> str:
+    shown = ascii(given) if not given.isprintable() else f"'{given}'"
+    close = difflib.get_close_matches(given, known, n=1)
+    if close:
+        return f"unknown {what} {shown}; did you mean {close[0]}? ({help_command} lists them)"
+    return f"unknown {what} {shown}: it is one of {', '.join(known)} ({help_command} describes them)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("SAVEPOINT_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in COMMANDS:
-        print(USAGE.strip(), file=sys.stderr if argv else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in HELP_FLAGS:
+        print(USAGE)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: {_unknown('command', argv[0], list(COMMANDS), 'savepoint --help')}", file=sys.stderr)
+        return 1
     setup_logging()
     # DCP warns on every save and load outside a process group (a one-process job); that is the intent,
     # and on stderr it would bury the one "error:" line a failure prints.

@@ -1,68 +1,116 @@
-"""``savepoint inspect``: what a checkpoint folder or one step holds, without loading tensors."""
+"""``savepoint inspect``: what a checkpoint folder or one step holds, without loading tensors.
+
+Everything shown comes from files a crafted checkpoint controls, so each is read through the checked
+readers (``integrity.read_manifest`` for ``manifest.json``, :class:`VerifyingReader` for
+``.metadata``, which never runs code from it), and every value is checked for its type before use.
+A step that cannot be read is listed as such and makes the command fail; the others are still shown.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
-
-from torch.distributed.checkpoint import FileSystemReader
+from typing import Any
 
 from savepoint.checkpoint.states import EXCLUDABLE
-from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder, folder_bytes
-from savepoint.errors import CheckpointError
+from savepoint.checkpoint.storage import DCP_MARKER, STEP_DIR_RE, CheckpointFolder, folder_bytes
+from savepoint.errors import CheckpointError, CorruptCheckpointError
 
 
-def describe(path: str) -> str:
-    """A human-readable summary of a checkpoint folder (its steps) or of a single step folder.
+def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """A summary of a checkpoint folder (its committed steps) or of one step folder.
+
+    Returns:
+        (the summary, the names of the steps in a folder that could not be read: each is listed
+        in the summary with why).
 
     Raises:
-        CheckpointError: the path is neither.
+        CheckpointError: the path is neither a folder nor a step, or (for one step) it cannot be read.
     """
     target = Path(path)
     if CheckpointFolder.is_committed(target):
-        return describe_step(target)
+        return "\n".join(_step_lines(target)), []
     if not target.is_dir():
         raise CheckpointError(f"{target} is not a folder; give a checkpoint folder or a step-N folder")
     folder = CheckpointFolder(target)
     steps = folder.committed_steps()
     if not steps:
-        return f"{target}: no committed steps"
+        return f"{target}: no committed steps", []
     lines = [f"{target}: {len(steps)} committed step(s)"]
+    unreadable = []
     for step in steps:
-        manifest = folder.read_manifest(step) or {}
-        size = folder_bytes(folder.step_dir(step))
-        lines.append(f"  step-{step:<8} {manifest.get('kind', 'unknown'):<10} {size / 1e6:10.2f} MB"
-                     f"  {_layout(manifest)}")
-    leftovers = [p.name for p in target.iterdir() if p.name.startswith(".step-")]
+        try:
+            lines.append(f"  step-{step:<8} {_step_summary(folder, step)}")
+        except CheckpointError as e:
+            unreadable.append(f"step-{step}")
+            lines.append(f"  step-{step:<8} CANNOT READ: {e}")
+    leftovers = sorted(_shown(p.name) for p in target.iterdir() if p.name.startswith(".step-"))
     if leftovers:
         lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
-    return "\n".join(lines)
+    return "\n".join(lines), unreadable
 
 
-def _layout(manifest: dict) -> str:
+def _step_summary(folder: CheckpointFolder, step: int) -> str:
+    step_dir = folder.step_dir(step)
+    manifest = folder.read_manifest(step) or {}
+    kind = _shown(manifest.get("kind", "unknown"))
+    size = f"{folder_bytes(step_dir) / 1e6:10.2f} MB"
+    if os.path.lexists(step_dir / DCP_MARKER):
+        keys = f"{len(_read_metadata(step_dir).state_dict_metadata):6} keys"
+    else:
+        keys = f"{'HF':>6}     "
+    return f"{kind:<10} {size} {keys}  {_layout(manifest)}".rstrip()
+
+
+def _layout(manifest: dict[str, Any]) -> str:
     """Where the step was saved from, e.g. 'saved by 2 processes (dp_replicate 1, dp_shard 2, tp 1)'."""
     layout = manifest.get("layout")
-    if not layout:
+    if not isinstance(layout, dict) or not layout:
         return ""
-    degrees = (f"dp_replicate {layout.get('data_parallel_replicate_degree', 1)}, "
-               f"dp_shard {layout.get('data_parallel_shard_degree', 1)}, tp {layout.get('tensor_parallel_degree', 1)}")
-    return f"saved by {layout['world_size']} process(es) ({degrees})"
+
+    def degree(key: str) -> str:
+        value = layout.get(key, 1)
+        return str(value) if type(value) is int else "?"
+
+    world_size = layout.get("world_size")
+    who = f"saved by {world_size} process(es)" if type(world_size) is int else "saved by ? process(es)"
+    return (f"{who} (dp_replicate {degree('data_parallel_replicate_degree')}, "
+            f"dp_shard {degree('data_parallel_shard_degree')}, tp {degree('tensor_parallel_degree')})")
 
 
-def describe_step(step_dir: Path) -> str:
-    if not (step_dir / ".metadata").is_file():  # a Hugging Face export (last_save_in_hf)
+def _shown(value: Any) -> str:
+    """A value from a checkpoint file as it may be printed: plain short text as is, anything else quoted."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 64:
+        return value
+    text = ascii(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _read_metadata(step_dir: Path) -> Any:
+    """The step's ``.metadata``, checked against its manifest and unpickled without running code."""
+    from savepoint.checkpoint.integrity import VerifyingReader
+
+    return VerifyingReader.for_step(step_dir).read_metadata()
+
+
+def _step_lines(step_dir: Path) -> list[str]:
+    match = STEP_DIR_RE.match(step_dir.name)
+    title = f"step {match.group(1)}" if match else _shown(step_dir.name)
+    if not os.path.lexists(step_dir / DCP_MARKER):  # a Hugging Face export (last_save_in_hf)
         from savepoint.hf.folder import HFFolder
 
         folder = HFFolder(step_dir)
-        return (f"{step_dir}: Hugging Face safetensors export, {folder.total_bytes() / 1e6:.2f} MB, "
-                f"{len(folder.keys())} tensors (weights only)")
-    metadata = FileSystemReader(str(step_dir)).read_metadata()
+        return [f"{step_dir}: {title}, Hugging Face safetensors export, {folder.total_bytes() / 1e6:.2f} MB, "
+                f"{len(folder.keys())} tensors (weights only)"]
+    metadata = _read_metadata(step_dir)
     groups: Counter[str] = Counter()
     for key in metadata.state_dict_metadata:
+        if not isinstance(key, str):
+            raise CorruptCheckpointError(f"{step_dir / DCP_MARKER} is corrupt: it names a stored value by "
+                                         f"{_shown(key)}, not by a key string")
         head = key.split(".", 1)[0]
         groups[head if head in EXCLUDABLE else "model"] += 1
-    match = STEP_DIR_RE.match(step_dir.name)
-    title = f"step {match.group(1)}" if match else step_dir.name
     lines = [f"{step_dir}: {title}, {folder_bytes(step_dir) / 1e6:.2f} MB"]
     lines += [f"  {name:<13} {count} keys" for name, count in sorted(groups.items())]
-    return "\n".join(lines)
+    return lines

@@ -75,3 +75,52 @@ def test_toml_interval_zero():
         zero.write_text("[checkpoint]\ninterval = 0\n")
         proc = savepoint("check", config=str(zero))
     assert proc.returncode == 1 and "--checkpoint.interval" in proc.stderr
+
+
+# ---- help and unknown commands (in-process) -------------------------------------------------------
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    from savepoint import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_top_level_help_goes_to_stdout(argv, capsys):
+    code, out, err = _main(capsys, *argv)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: savepoint COMMAND")
+    for command in ("train", "check", "inspect", "verify", "convert", "to_torchtune"):
+        assert f"savepoint {command}" in out or command in out
+    assert "The only place" not in out and "``" not in out  # the module docstring is not the usage
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_command_help(command, capsys):
+    for flag in ("--help", "-h"):
+        code, out, err = _main(capsys, command, flag)
+        assert code == 0 and err == "" and out.startswith(f"usage: savepoint {command} FOLDER|STEP_DIR")
+
+
+def test_convert_help_lists_every_direction(capsys):
+    for argv in (["convert", "--help"], ["convert"]):
+        code, out, err = _main(capsys, *argv)
+        assert code == 0 and err == ""
+        for direction in ("from_hf", "to_hf", "to_torchtune"):
+            assert f"savepoint convert {direction} " in out
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["inpsect", "x"], "error: unknown command 'inpsect'; did you mean inspect? (savepoint --help lists them)"),
+    (["verfy"], "error: unknown command 'verfy'; did you mean verify? (savepoint --help lists them)"),
+    (["frobnicate"], "error: unknown command 'frobnicate': it is one of train, check, inspect, verify, convert "
+                     "(savepoint --help describes them)"),
+    (["convert", "to_torchtun", "a", "b"], "error: unknown conversion 'to_torchtun'; did you mean to_torchtune? "
+                                           "(savepoint convert --help lists them)"),
+])
+def test_unknown_command_is_one_error_line(argv, line, capsys):
+    code, out, err = _main(capsys, *argv)
+    assert code == 1 and out == "" and err == line + "\n"

@@ -98,7 +98,7 @@ def detect_layout(saved_keys: Collection[str]) -> str:
     (no attention or output tensor at all) is ``UNKNOWN``.
 
     Args:
-        saved_keys: the checkpoint's keys, e.g. ``FileSystemReader(path).read_metadata().state_dict_metadata``
+        saved_keys: the checkpoint's keys, e.g. ``VerifyingReader.for_step(path).read_metadata().state_dict_metadata``
             (a dict works: only its keys are read).
     """
     ours = _has_renamed_model_key(saved_keys, V03_RENAMES)

@@ -113,7 +113,15 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
                                   f"but {list(shape)} in the model these args describe")
         state[ours] = torch.empty(shape, dtype=meta.properties.dtype)
     reader.check_sizes()
-    dcp.load({names[k]: t for k, t in state.items()}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from savepoint.hf.convert import _unwrap
+
+    try:
+        dcp.load({names[k]: t for k, t in state.items()}, storage_reader=reader, planner=SafeLoadPlanner(),
+                 no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP wraps a failed read (one line per cause here)
+        raise _unwrap(e, f"reading the model tensors of {step_dir}") from e
     return state
 
 
