@@ -8,6 +8,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")" && pwd)"
 NGPU=${NGPU:-1}
+if [[ ! "$NGPU" =~ ^[0-9]+$ ]] || (( 10#$NGPU < 1 )); then
+    echo "error: NGPU=$NGPU: give the number of training processes per node (one per GPU; 1 or more)," \
+         "e.g. NGPU=2 ./run_train.sh, or leave NGPU unset for 1" >&2
+    exit 1
+fi
+NGPU=$((10#$NGPU))
 LOG_RANK=${LOG_RANK:-0}
 export CONFIG_FILE=${CONFIG_FILE:-$root/configs/debug_model.toml}
 

@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/kill_trials.py --trials 1000 --seed 0 --mode all          # ws=1
     .venv/bin/python benchmarks/kill_trials.py --trials 60 --seed 0 --mode all --world-size 2
+    .venv/bin/python benchmarks/kill_trials.py --trials 30 --target launcher --world-size 2 --mode all
+
+``--target launcher`` kills the launcher (torchrun, as ``./run_train.sh`` runs it) instead of the
+job's process group; see "launcher kills" below.
 
 Each trial trains the ``debugmodel`` (tiny batches, a checkpoint every ``--interval`` steps,
 ``keep_latest_k=2`` so retention deletes steps, full final save) in a fresh folder, kills the whole
@@ -41,12 +45,13 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import random
+import re
 import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -356,8 +361,9 @@ def verify(step_dir: Path) -> list[str]:
     problems = []
     meta = step_dir / ".metadata"
     try:
-        with open(meta, "rb") as f:
-            pickle.load(f)
+        from savepoint.checkpoint.safe_load import safe_unpickle  # never the stock unpickler on a checkpoint
+
+        safe_unpickle(meta.read_bytes(), str(meta))
     except Exception as e:  # noqa: BLE001 - any failure is a finding
         problems.append(f"{meta}: does not unpickle ({type(e).__name__}: {e})")
     manifest = step_dir / "manifest.json"
@@ -497,10 +503,13 @@ class TrialResult:
     trial: int
     mode: str
     kills: list[tuple[float, str, int | None]] = field(default_factory=list)  # (delay, phase, expected resume)
-    outcome: str = "ok"  # ok | corrupt | unloadable | wrong_step | mismatch | leftover | harness
+    outcome: str = "ok"  # ok | corrupt | unloadable | wrong_step | mismatch | leftover | survivor | harness
     problems: list[str] = field(default_factory=list)
     completed_before_kill: bool = False
     wall_s: float = 0.0
+    # --target launcher: per kill {how, phase, survivors, gone_s}; per restart that ran to the end "ok" / "exit N"
+    launcher_kills: list[dict] = field(default_factory=list)
+    restarts: list[str] = field(default_factory=list)
 
     def fail(self, outcome: str, problem: str) -> None:
         if self.outcome == "ok":
@@ -605,6 +614,295 @@ def _loaded(dump: Path, run_id: int) -> Any:
     return json.loads(path.read_text())["loaded"]
 
 
+# ---- launcher kills ----------------------------------------------------------------------------
+#
+# ``--target launcher`` runs each job as a user does: ``python -m savepoint.launch`` (what
+# ``./run_train.sh`` execs) starting its workers with torchrun, and SIGKILLs the launcher alone
+# (``kill -9 PID``, the OOM killer) or its whole process group (a terminal, ``kill -9 -PGID``, a
+# batch system without cgroups), alternating. torchrun puts each worker in a session of its own, so
+# neither kill reaches the workers by itself. Then every process of the job (the launcher, its
+# workers, their writer processes and helpers) must be gone within ``SURVIVOR_GRACE_S``, and the
+# restart, started at once, must succeed and resume from the newest committed step.
+
+SURVIVOR_GRACE_S = 2.0
+LAUNCHER_KILLS = ("pid", "group")
+
+
+def launcher_command(spec: JobSpec, dump: Path) -> list[str]:
+    """The command ``./run_train.sh`` execs (NGPU = the world size), training ``spec`` in ``dump``."""
+    return [sys.executable, "-m", "savepoint.launch", f"--nproc_per_node={spec.world_size}", "--rdzv_backend",
+            "c10d", "--rdzv_endpoint=localhost:0", "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+            "-m", "savepoint", "train", *spec.argv(dump)]
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, session id) of a process, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def job_processes(launcher_pid: int, dump: Path) -> dict[int, str]:
+    """The live processes of the job a launcher started: pid -> command line (zombies are dead).
+
+    Found without help from the code under test: the launcher's own session (it starts one), every
+    process whose command line names the job's dump folder (the workers), every process in a
+    worker's session (torchrun starts each worker in its own; its writer process and helpers stay
+    in it), and every process that inherited ``SAVEPOINT_LAUNCHER_PID`` of this launcher.
+    """
+    marker = f"SAVEPOINT_LAUNCHER_PID={launcher_pid}\0".encode()
+    needle = f"{dump}{os.sep}".encode(), str(dump).encode() + b"\0"
+    table: dict[int, tuple[str, int, bytes]] = {}
+    workers: set[int] = set()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() + b"\0"
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        table[pid] = (stat[0], stat[2], cmdline)
+        if any(n in cmdline for n in needle) or b"\0" + marker in b"\0" + environ:
+            workers.add(pid)
+    members = {pid for pid, (_, sid, _) in table.items()
+               if pid == launcher_pid or sid == launcher_pid or pid in workers or sid in workers}
+    return {pid: table[pid][2].replace(b"\0", b" ").decode(errors="replace").strip()[:300] for pid in members}
+
+
+@dataclass
+class LauncherRun:
+    """One job started through the launcher, in a session of its own."""
+
+    run_id: int
+    proc: Any  # subprocess.Popen
+    dump: Path
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout=max(timeout, 0.0))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def output(self) -> str:
+        return "".join((self.dump / f"run{self.run_id}.{s}").read_text(errors="replace") for s in ("out", "err"))
+
+
+def start_launcher_run(spec: JobSpec, dump: Path, run_id: int) -> LauncherRun:
+    dump.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("SAVEPOINT_DEBUG", None)
+    with open(dump / f"run{run_id}.out", "wb") as out, open(dump / f"run{run_id}.err", "wb") as err:
+        proc = subprocess.Popen(launcher_command(spec, dump), cwd=ROOT, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return LauncherRun(run_id, proc, dump, time.monotonic())
+
+
+def _metrics_started(dump: Path, offset: int) -> bool:
+    path = dump / "metrics.jsonl"
+    try:
+        return path.stat().st_size > offset
+    except OSError:
+        return False
+
+
+def launcher_run_until(run: LauncherRun, delay: float, ref: Reference, offset: int) -> bool:
+    """Like ``run_until``, the start-up part ending at the run's first metrics record; True if it exited first."""
+    if delay < ref.startup_s:
+        return run.wait(delay)
+    while not _metrics_started(run.dump, offset):
+        if run.wait(0.005):
+            return True
+        if time.monotonic() - run.started > RUN_TIMEOUT_S:
+            return False
+    training_from = time.monotonic()
+    return run.wait(training_from + (delay - ref.startup_s) - time.monotonic())
+
+
+def wait_observing(run: LauncherRun, offset: int, timeout: float) -> tuple[bool, float | None]:
+    """Wait until the run exits or ``timeout``; returns (exited, seconds until its first metrics record)."""
+    first = None
+    while not run.wait(0.005):
+        if first is None and _metrics_started(run.dump, offset):
+            first = time.monotonic() - run.started
+        if time.monotonic() - run.started > timeout:
+            return False, first
+    return True, first
+
+
+def _resumed_from(output: str) -> int | None:
+    """The step a finished launcher run trained from ("training ... from step N to M"), None if not logged."""
+    found = re.findall(r"training \S+ \(\S+\) from step (\d+) to (\d+)", output)
+    return int(found[-1][0]) if found else None
+
+
+def kill_launcher(run: LauncherRun, how: str) -> None:
+    """SIGKILL the launcher (``pid``) or its process group (``group``) and reap the launcher."""
+    try:
+        if how == "group":
+            os.killpg(run.pid, signal.SIGKILL)
+        else:
+            os.kill(run.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    run.proc.wait()
+
+
+def wait_for_survivors(run: LauncherRun, grace: float) -> tuple[dict[int, str], float]:
+    """Poll the job's processes until none is left or ``grace`` passed; returns (survivors, seconds until gone)."""
+    killed = time.monotonic()
+    while True:
+        left = job_processes(run.pid, run.dump)
+        waited = time.monotonic() - killed
+        if not left:
+            return {}, waited
+        if waited > grace:
+            return left, waited
+        time.sleep(0.01)
+
+
+def reap_survivors(run: LauncherRun) -> None:
+    """SIGKILL what is left of a killed job (survivors are reported first) and wait until it is gone."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = job_processes(run.pid, run.dump)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+def launcher_reference_run(spec: JobSpec, workdir: Path) -> Reference:
+    """One uninterrupted launcher run: the losses every launcher trial must reproduce, and its timeline."""
+    dump = Path(tempfile.mkdtemp(prefix=f"ref-launcher-{spec.mode}-", dir=workdir))
+    try:
+        run = start_launcher_run(spec, dump, 0)
+        exited, first_metrics = wait_observing(run, 0, RUN_TIMEOUT_S)
+        if not exited:
+            kill_launcher(run, "group")
+            reap_survivors(run)
+            raise RuntimeError(f"launcher reference run ({spec.mode}) hung: {run.output()[-2000:]}")
+        wall = time.monotonic() - run.started
+        if run.proc.returncode != 0:
+            raise RuntimeError(f"launcher reference run ({spec.mode}) exited {run.proc.returncode}: "
+                               f"{run.output()[-3000:]}")
+        records, _ = read_losses(dump)
+        losses = dict(records)
+        if sorted(losses) != list(range(1, spec.steps + 1)):
+            raise RuntimeError(f"launcher reference run ({spec.mode}) logged steps {sorted(losses)}")
+        state = read_folder(checkpoint_root(dump))
+        problems = verify_folder(checkpoint_root(dump), state)
+        if problems or state.committed != spec.final_steps():
+            raise RuntimeError(f"launcher reference run ({spec.mode}): folder {state.committed}, problems {problems}")
+        return Reference(losses, wall, first_metrics or wall / 2, spec.steps)
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
+
+
+def run_launcher_trial(trial: int, spec: JobSpec, ref: Reference, rng: random.Random, workdir: Path,
+                       kills_per_trial: int = 1, keep_failed: bool = True) -> TrialResult:
+    """``run_trial`` for ``--target launcher``: SIGKILL the launcher (or its group) at random instants."""
+    result = TrialResult(trial, spec.mode)
+    started = time.monotonic()
+    dump = Path(tempfile.mkdtemp(prefix=f"trial{trial}-launcher-{spec.mode}-", dir=workdir))
+    root = checkpoint_root(dump)
+    offset = 0
+    survivors: list[LauncherRun] = []
+    try:
+        for segment in range(kills_per_trial + 1):
+            run = start_launcher_run(spec, dump, segment)
+            killing = segment < kills_per_trial
+            first_metrics = None
+            if killing:
+                delay = rng.uniform(0.0, ref.timeline_s())
+                how = LAUNCHER_KILLS[rng.randrange(len(LAUNCHER_KILLS))]
+                if launcher_run_until(run, delay, ref, offset):
+                    result.completed_before_kill = True
+                    killing = False
+                else:
+                    kill_launcher(run, how)
+                    phase = classify_phase(root, dump)
+                    left, gone_s = wait_for_survivors(run, SURVIVOR_GRACE_S)
+                    kill = {"how": how, "phase": phase, "survivors": len(left), "gone_s": round(gone_s, 3)}
+                    result.launcher_kills.append(kill)
+                    if left:
+                        survivors.append(run)  # left running: the restart meets them, as it would in real life
+                        result.fail("survivor", f"kill {segment + 1} ({how}, {phase}): {len(left)} process(es) of "
+                                                f"the job alive {SURVIVOR_GRACE_S:.0f} s after the kill: "
+                                                + "; ".join(f"{p} {c}" for p, c in sorted(left.items())))
+            if not killing:
+                exited, first_metrics = wait_observing(run, offset, RUN_TIMEOUT_S)
+                if not exited:
+                    kill_launcher(run, "group")
+                    reap_survivors(run)
+                    result.fail("unloadable", f"run {segment} hung for {RUN_TIMEOUT_S:.0f} s")
+                    break
+            records, new_offset = read_losses(dump, offset)
+            for problem in compare_losses(records, ref.losses):
+                result.fail("mismatch", f"run {segment}: {problem}")
+            if segment > 0:
+                expected = result.kills[-1][2]
+                resumed = _resumed_from(run.output())
+                if resumed is not None and resumed != (expected or 0):
+                    result.fail("wrong_step", f"run {segment}: trained from step {resumed}, newest committed was "
+                                              f"{expected}")
+                elif records and records[0][0] != (expected or 0) + 1:
+                    result.fail("wrong_step", f"run {segment}: first step {records[0][0]} after {expected}")
+            offset = new_offset
+            if killing:
+                state = read_folder(root)  # the job is gone (or the survivors are reported)
+                result.kills.append((delay, phase, state.expected_resume))
+                for problem in verify_folder(root, state):
+                    result.fail("corrupt", f"after kill {segment + 1} ({phase}): {problem}")
+                continue
+            code = run.proc.returncode
+            if segment > 0:
+                result.restarts.append("ok" if code == 0 else f"exit {code}")
+            if code != 0:
+                tail = [ln for ln in run.output().splitlines() if "error" in ln.lower()][-3:]
+                result.fail("unloadable", f"run {segment} exited {code}: {' | '.join(tail)[-1500:]}")
+                break
+            if first_metrics is not None:
+                ref.startups.append(first_metrics)
+            # Finished: the folder as an uninterrupted run leaves it.
+            state = read_folder(root)
+            for problem in verify_folder(root, state):
+                result.fail("corrupt", f"at the end: {problem}")
+            if state.committed != spec.final_steps() or state.hidden:
+                result.fail("leftover", f"at the end: steps {state.committed} (expected {spec.final_steps()}), "
+                                        f"hidden {state.hidden}")
+            break
+    except Exception as e:  # noqa: BLE001 - a harness failure is reported, not hidden
+        result.fail("harness", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        for run in survivors:
+            reap_survivors(run)
+    result.wall_s = time.monotonic() - started
+    if result.outcome == "ok" or not keep_failed:
+        shutil.rmtree(dump, ignore_errors=True)
+    else:
+        result.problems.append(f"kept {dump}")
+    return result
+
+
 # ---- the campaign ------------------------------------------------------------------------------
 
 
@@ -629,7 +927,20 @@ class Summary:
                 "bad": len(self.bad), "outcomes": dict(self.outcomes()), "phases": dict(self.phases()),
                 "by_mode": dict(Counter(r.mode for r in self.results)), "wall_s": self.wall_s,
                 "verify": "verify_step" if _integrity_module() else "fallback",
+                "launcher": self.launcher_counts(),
                 "bad_trials": [_result_to_json(r) for r in self.bad]}
+
+    def launcher_counts(self) -> dict | None:
+        """--target launcher: kills by kind, survivors, how long the job took to go, restart outcomes."""
+        kills = [k for r in self.results for k in r.launcher_kills]
+        if not kills and not any(r.restarts for r in self.results):
+            return None
+        gone = sorted(k["gone_s"] for k in kills if not k["survivors"])
+        return {"kills": len(kills), "by_kind": dict(Counter(k["how"] for k in kills)),
+                "kills_with_survivors": sum(1 for k in kills if k["survivors"]),
+                "survivors": sum(k["survivors"] for k in kills),
+                "gone_s_median": statistics.median(gone) if gone else None, "gone_s_max": gone[-1] if gone else None,
+                "restarts": dict(Counter(x for r in self.results for x in r.restarts))}
 
     def report(self) -> str:
         kills = sum(len(r.kills) for r in self.results)
@@ -642,12 +953,20 @@ class Summary:
         out = self.outcomes()
         lines.append("outcomes: " + ", ".join(f"{k} {out.get(k, 0)}" for k in
                                               ("ok", "corrupt", "unloadable", "wrong_step", "mismatch",
-                                               "leftover", "harness")))
+                                               "leftover", "survivor", "harness")))
         ph = self.phases()
         lines.append("kills by phase: " + ", ".join(f"{k} {v}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])))
         lines.append(f"finished before the kill: {sum(r.completed_before_kill for r in self.results)}")
         resumed = Counter("fresh start" if e is None else "resume" for r in self.results for _, _, e in r.kills)
         lines.append("restarts: " + ", ".join(f"{k} {v}" for k, v in sorted(resumed.items())))
+        launcher = self.launcher_counts()
+        if launcher is not None:
+            gone = "" if launcher["gone_s_max"] is None else \
+                f"; job gone {launcher['gone_s_median']:.3f} s after the kill (median), {launcher['gone_s_max']:.3f} s max"
+            lines.append(f"launcher kills: {launcher['kills']} ({', '.join(f'{k} {v}' for k, v in launcher['by_kind'].items())}); "
+                         f"kills leaving survivors after {SURVIVOR_GRACE_S:.0f} s: {launcher['kills_with_survivors']} "
+                         f"({launcher['survivors']} processes){gone}; restarts that ran to the end: "
+                         + ", ".join(f"{k} {v}" for k, v in launcher["restarts"].items()))
         for r in self.bad[:20]:
             lines.append(f"BAD trial {r.trial} ({r.mode}, kills {[(round(d, 3), p) for d, p, _ in r.kills]}): "
                          f"{r.outcome}: {' | '.join(r.problems)[:2000]}")
@@ -707,23 +1026,26 @@ def _trial_rng(seed: int, trial: int) -> random.Random:
 
 def _result_to_json(r: TrialResult) -> dict:
     return {"trial": r.trial, "mode": r.mode, "kills": r.kills, "outcome": r.outcome, "problems": r.problems,
-            "completed_before_kill": r.completed_before_kill, "wall_s": r.wall_s}
+            "completed_before_kill": r.completed_before_kill, "wall_s": r.wall_s,
+            "launcher_kills": r.launcher_kills, "restarts": r.restarts}
 
 
 def _result_from_json(d: dict) -> TrialResult:
     return TrialResult(d["trial"], d["mode"], [tuple(k) for k in d["kills"]], d["outcome"], d["problems"],
-                       d["completed_before_kill"], d["wall_s"])
+                       d["completed_before_kill"], d["wall_s"], d.get("launcher_kills", []), d.get("restarts", []))
 
 
 def _worker(indices: list[int], specs: dict[str, JobSpec], refs: dict[str, Reference], modes: tuple[str, ...],
-            seed: int, work: Path, kills_per_trial: int, out: Path, started: float, progress: bool) -> None:
+            seed: int, work: Path, kills_per_trial: int, out: Path, started: float, progress: bool,
+            target: str = "job") -> None:
     """A forked worker: runs its share of the trials, appending each result as a JSON line to ``out``."""
     code = 1
     try:
         with open(out, "a", encoding="utf-8") as f:
             for done, i in enumerate(indices, 1):
                 mode = modes[i % len(modes)]
-                result = run_trial(i, specs[mode], refs[mode], _trial_rng(seed, i), work, kills_per_trial)
+                trial = run_launcher_trial if target == "launcher" else run_trial
+                result = trial(i, specs[mode], refs[mode], _trial_rng(seed, i), work, kills_per_trial)
                 f.write(json.dumps(_result_to_json(result)) + "\n")
                 f.flush()
                 if progress and (result.outcome != "ok" or done % 25 == 0):
@@ -740,23 +1062,29 @@ def _worker(indices: list[int], specs: dict[str, JobSpec], refs: dict[str, Refer
 def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world_size: int = 1,
                steps: int = 6, interval: int = 1, keep: int = 2, kills_per_trial: int = 1,
                workdir: str | Path | None = None, progress: bool = False, jobs: int = 1,
-               warmup: bool = True) -> Summary:
-    """Run ``trials`` kill trials, spread round-robin over ``modes``, ``jobs`` at a time; returns the summary."""
+               warmup: bool = True, target: str = "job") -> Summary:
+    """Run ``trials`` kill trials, spread round-robin over ``modes``, ``jobs`` at a time; returns the summary.
+
+    ``target``: ``job`` kills the forked ranks' process group; ``launcher`` runs each job through
+    ``savepoint.launch`` (torchrun) and kills the launcher or its group (see "launcher kills").
+    """
     started = time.monotonic()
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="kill-trials-")) if own_workdir else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     results: list[TrialResult] = []
     try:
-        if warmup:
+        launcher = target == "launcher"
+        if warmup and not launcher:
             warm_up(work)
         specs = {m: JobSpec(mode=m, steps=steps, interval=interval, keep=keep, world_size=world_size)
                  for m in modes}
-        refs = {m: reference_run(specs[m], work) for m in modes}
+        refs = {m: (launcher_reference_run if launcher else reference_run)(specs[m], work) for m in modes}
+        trial_fn = run_launcher_trial if launcher else run_trial
         if jobs <= 1:
             for i in range(trials):
                 mode = modes[i % len(modes)]
-                result = run_trial(i, specs[mode], refs[mode], _trial_rng(seed, i), work, kills_per_trial)
+                result = trial_fn(i, specs[mode], refs[mode], _trial_rng(seed, i), work, kills_per_trial)
                 results.append(result)
                 if progress and (result.outcome != "ok" or (i + 1) % 50 == 0):
                     bad = sum(r.outcome != "ok" for r in results)
@@ -772,7 +1100,7 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
                 pid = os.fork()
                 if pid == 0:
                     _worker(list(range(w, trials, jobs)), specs, refs, modes, seed, work, kills_per_trial, out,
-                            started, progress)
+                            started, progress, target)
                 workers[pid] = out
             failed = []
             for pid, out in workers.items():
@@ -799,6 +1127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=int, default=1, help="checkpoint.interval (default 1)")
     p.add_argument("--keep", type=int, default=2, help="checkpoint.keep_latest_k (default 2)")
     p.add_argument("--kills-per-trial", type=int, default=1)
+    p.add_argument("--target", choices=("job", "launcher"), default="job",
+                   help="job: fork the ranks and SIGKILL their process group (default); launcher: run each job "
+                        "through savepoint.launch (torchrun, as ./run_train.sh does) and SIGKILL the launcher or "
+                        "its process group, then require every process of the job gone within 2 s")
     p.add_argument("--jobs", type=int, default=1, help="trials run at a time (forked workers; default 1)")
     p.add_argument("--no-warmup", action="store_true",
                    help="do not warm up the harness process before forking (each run then starts ~1 s slower)")
@@ -808,7 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = MODES if args.mode == "all" else (args.mode,)
     summary = run_trials(args.trials, args.seed, modes, args.world_size, args.steps, args.interval, args.keep,
                          args.kills_per_trial, args.workdir, progress=True, jobs=args.jobs,
-                         warmup=not args.no_warmup)
+                         warmup=not args.no_warmup, target=args.target)
     print(summary.report())
     if args.json:
         Path(args.json).write_text(json.dumps(summary.as_json(), indent=2))

@@ -12,7 +12,22 @@ process group (which also kills an async checkpoint writer process), SIGKILLs th
 as a ``SignalException``, so the launcher exits non-zero with a traceback even when every worker
 saved and exited 0. So torchrun is told not to handle SIGTERM (its ``--signals-to-handle``),
 and this launcher forwards it to the worker processes alone; torchrun then sees the workers exit
-like any others. SIGINT, SIGHUP and SIGQUIT keep torchrun's handling.
+like any others. SIGINT, SIGHUP and SIGQUIT keep torchrun's handling. SIGTERM while no worker
+runs (the launcher waits in rendezvous for the other nodes) has no one to pass it to: the launcher
+then exits at once with status 143 (128 + SIGTERM, see ``EXIT_TERMINATED``).
+
+Workers die with the launcher, however it dies. torchrun starts each worker in a session of its
+own, so a SIGKILL of the launcher, or of its process group (a terminal, ``kill -9 -PGID``, a batch
+system without cgroups), would leave every worker running: training on, writing checkpoints and
+holding the folder lock, so that the restart fails. So each worker starts as ``python -I -S
+savepoint/lifeline.py LAUNCHER_PID COMMAND...``, which asks the kernel to SIGKILL it when the
+launcher goes (``prctl(PR_SET_PDEATHSIG)``), checks that the launcher is still its parent (it may
+have died before that call), and execs the worker command: the worker keeps its pid and its command
+line, and the death signal survives the exec. The kernel sends it when the *thread* that forked the
+worker exits: torchrun forks workers in its main thread (``LocalElasticAgent._start_workers``,
+called by ``run``), which lives as long as the launcher, and ``main`` checks it runs there. A
+worker's checkpoint writer process dies with its worker (see ``savepoint.lifeline``). Workers (and
+their children) find the launcher's pid in ``SAVEPOINT_LAUNCHER_PID``.
 """
 
 from __future__ import annotations
@@ -20,12 +35,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from argparse import Namespace
 from pathlib import Path
 from types import FrameType
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
+
+from savepoint import lifeline
 
 
 def _worker_pids() -> list[int]:
@@ -46,8 +64,37 @@ def _worker_pids() -> list[int]:
     return sorted(pids)
 
 
+# The exit status for SIGTERM with no worker to pass it to: 128 + 15, what a shell reports for a
+# process ended by SIGTERM, and what Kubernetes and Slurm show for a job terminated that way. A
+# scheduler then sees "terminated" (requeue it), neither 0 (done, with a checkpoint) nor 1 (failed).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+# The environment variable that tells a worker (and its children) which launcher started it.
+LAUNCHER_PID_ENV = "SAVEPOINT_LAUNCHER_PID"
+
+
+def die_with_launcher(args: Namespace) -> None:
+    """Start every worker through ``savepoint/lifeline.py`` (see the module doc): it dies with this launcher."""
+    if args.run_path or (args.no_python and args.module):
+        return  # a function in a multiprocessing child, not a command (or torchrun's own usage error)
+    python = os.getenv("PYTHON_EXEC", sys.executable)
+    worker = [args.training_script] if args.no_python else \
+        [python, "-u", *(["-m"] if args.module else []), args.training_script]
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers inherit the launcher's environment
+    args.no_python, args.module = True, False
+    args.training_script = python
+    # -I -S: no site-packages, no environment, no current directory: the wrapper starts in ~20 ms.
+    args.training_script_args = ["-I", "-S", lifeline.__file__, str(os.getpid()), *worker, *args.training_script_args]
+
+
 def _forward_sigterm(signum: int, frame: FrameType | None) -> None:
     pids = _worker_pids()
+    if not pids:
+        # Waiting in rendezvous (or between worker groups): nothing runs that could save, and torchrun
+        # would wait out its rendezvous timeout. Workers forked meanwhile die with this process.
+        print(f"savepoint: SIGTERM with no worker running (waiting for the other nodes to join): nothing to "
+              f"checkpoint; exiting with status {EXIT_TERMINATED}", file=sys.stderr, flush=True)
+        os._exit(EXIT_TERMINATED)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -66,7 +113,15 @@ def forward_sigterm_to_workers(args: Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    nproc = args.nproc_per_node
+    if not (nproc.isdigit() and int(nproc) >= 1) and nproc not in ("auto", "cpu", "gpu", "xpu"):
+        print(f"error: --nproc_per_node={nproc}: give the number of worker processes per node (1 or more), or "
+              "auto, cpu or gpu (run_train.sh sets it from NGPU)", file=sys.stderr)
+        return 1
+    # The workers' death signal follows the thread that forks them (see the module doc).
+    assert threading.current_thread() is threading.main_thread(), "savepoint.launch must run in the main thread"
     forward_sigterm_to_workers(args)
+    die_with_launcher(args)
     try:
         run(args)
     except ChildFailedError as e:

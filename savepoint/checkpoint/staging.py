@@ -18,6 +18,10 @@ thread writes with ``dcp.save``. The writer (that thread's writes in ``async``, 
 in ``async_with_pinned_mem``) runs at a lower CPU priority (``WRITER_NICE``): on a machine with
 few cores it otherwise takes cores from the training step, and only the copy, not the write,
 must finish before ``optimizer.step()``.
+
+The writer process dies with its trainer, however the trainer dies (``savepoint.lifeline``): left
+running, it would go on writing into the folder, or wait in a collective for its peers for half
+an hour.
 """
 
 from __future__ import annotations
@@ -38,18 +42,46 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from savepoint import lifeline
+from savepoint.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
-# Niceness added to the background writer (0 disables): it yields the CPU to training on a busy
-# machine, and still gets idle cores. The copy before optimizer.step() is not lowered.
-WRITER_NICE = int(os.environ.get("SAVEPOINT_WRITER_NICE", "10"))
+# Niceness added to the background writer (``SAVEPOINT_WRITER_NICE``, 0 disables): it yields the
+# CPU to training on a busy machine, and still gets idle cores. The copy before optimizer.step() is
+# not lowered.
+WRITER_NICE_ENV = "SAVEPOINT_WRITER_NICE"
+DEFAULT_WRITER_NICE = 10
+
+
+def writer_nice() -> int:
+    """``SAVEPOINT_WRITER_NICE`` (default 10), checked: a whole number from 0 to 19.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    raw = os.environ.get(WRITER_NICE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WRITER_NICE
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > 19:
+        raise ConfigError([f"{WRITER_NICE_ENV}={raw!r} in the environment: give the niceness added to the "
+                           f"background checkpoint writer, a whole number from 0 (its trainer's priority) to 19 "
+                           f"(the lowest), or unset it for {DEFAULT_WRITER_NICE}"])
+    return int(raw)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WRITER_NICE":  # read when asked for, so that a bad value is reported where it is used
+        return writer_nice()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _writer_niceness() -> int | None:
-    """The niceness for writer threads: the trainer's own plus WRITER_NICE; None to leave them be."""
-    if WRITER_NICE <= 0 or not hasattr(os, "setpriority"):
+    """The niceness for writer threads: the trainer's own plus the writer's; None to leave them be."""
+    nice = writer_nice()
+    if nice <= 0 or not hasattr(os, "setpriority"):
         return None
-    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICE)
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
 def _set_niceness(tid: int, niceness: int | None) -> None:
@@ -103,6 +135,7 @@ class AsyncSaver:
 
     def __init__(self, mode: str):
         self.mode = mode
+        self.writer_niceness = _writer_niceness()  # first: a bad SAVEPOINT_WRITER_NICE fails before any set-up
         cuda = torch.cuda.is_available()
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         pinned = mode == "async_with_pinned_mem"
@@ -122,7 +155,9 @@ class AsyncSaver:
         # One long-lived thread starts every save (and, in ``async``, writes it), off the trainer's path.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="savepoint-ckpt")
         self.writer_pid: int | None = None  # the writer process, once lowered in priority
-        self.writer_niceness = _writer_niceness()
+        if self.process and not lifeline.writer_process_dies_with_trainer():
+            logger.warning("this torch's DCP writer process cannot be tied to its trainer: if the trainer is "
+                           "killed, its writer process may outlive it")
 
     def start(self, step: int, kind: str, staging_dir: Path, state: dict[str, Any], planner: SavePlanner,
               writer: StorageWriter) -> None:
