@@ -43,6 +43,7 @@ from savepoint.checkpoint.integrity import verify_step
 from savepoint.checkpoint.lock import LOCK_NAME, FolderLock
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.models.llama3 import LLAMA3_FLAVORS
+from tests import test_hostile_metadata as hm
 from tests.conftest import FAST_ARGS, ROOT, make_config
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
@@ -226,7 +227,27 @@ CASES: dict[str, Case] = {
 }
 
 # Rows by area, each area in its own table (merged into CASES below, in this order).
-HOSTILE_READ_CASES: dict[str, Case] = {}  # hostile .metadata / manifest / paths, every CLI command
+HOSTILE_READ_CASES: dict[str, Case] = {  # hostile .metadata / manifest / paths, every CLI command
+    # Forgeries reseal the manifest (tests/test_hostile_metadata.py runs them through every command).
+    "code-running .metadata, inspect": Case(
+        hm.bad_input_hostile_metadata, ["{dump}/checkpoint/step-10/.metadata asks to load posix.system",
+                                        "Nothing was executed"], command=["inspect", "{dump}/checkpoint/step-10"]),
+    "code-running .metadata, inspect folder": Case(
+        hm.bad_input_hostile_metadata, ["1 step(s) of {dump}/checkpoint cannot be read: step-10",
+                                        "savepoint verify"], command=["inspect", "{dump}/checkpoint"]),
+    "class-changing .metadata": Case(
+        hm.bad_input_class_mutation, ["{dump}/checkpoint/step-10/.metadata asks to set the state of the class",
+                                      "MetadataIndex", "Nothing was executed"]),
+    "memo index 2**24 in .metadata": Case(
+        hm.bad_input_memo_index, ["{dump}/checkpoint/step-10/.metadata is corrupt", "not DCP metadata",
+                                  "--checkpoint.load_step"]),
+    "code-running stored tensor": Case(
+        hm.bad_input_hostile_tensor, ["'tok_embeddings.weight'", "{dump}/checkpoint/step-10/__0_0.distcp",
+                                      "asks to load posix.system", "Nothing was executed"]),
+    "manifest without layout.world_size, inspect": Case(
+        hm.bad_input_no_world_size, ["1 step(s) of {dump}/checkpoint cannot be read: step-10"],
+        command=["inspect", "{dump}/checkpoint"]),
+}
 COMMIT_CASES: dict[str, Case] = {}  # commit, lock, disk-full and launcher rows
 LOADED_VALUE_CASES: dict[str, Case] = {}  # values a Stateful restores, config values
 HF_CASES: dict[str, Case] = {}  # Hugging Face folders and exports

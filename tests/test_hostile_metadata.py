@@ -390,3 +390,32 @@ def test_inspect_step_reads_through_the_checked_reader(dump, monkeypatch):
 
     text, unreadable = describe(step)
     assert "model " in text and "optimizer" in text and unreadable == [] and calls
+
+
+# ---- setups for tests/test_bad_input.py's HOSTILE_READ_CASES (its base run: steps 5 and 10) ---------
+
+def bad_input_hostile_metadata(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    plant_metadata(dump / "checkpoint/step-10", payloads(dump / "PWNED")["os.system"])
+    return []
+
+
+def bad_input_class_mutation(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    plant_metadata(dump / "checkpoint/step-10", class_mutations()["MetadataIndex.__hash__ = None"])
+    mp.setattr(MetadataIndex, "__hash__", MetadataIndex.__dict__["__hash__"])  # restored even if it got through
+    return []
+
+
+def bad_input_memo_index(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    bomb = pickle.PROTO + b"\x04" + pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 2 ** 24) + pickle.STOP
+    plant_metadata(dump / "checkpoint/step-10", bomb)
+    return ["--checkpoint.load_step", "10"]
+
+
+def bad_input_hostile_tensor(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    plant_tensor_item(dump / "checkpoint/step-10", "tok_embeddings.weight", dump / "PWNED")
+    return ["--checkpoint.load_step", "10"]
+
+
+def bad_input_no_world_size(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    _edit_manifest(dump / "checkpoint/step-10", lambda m: m["layout"].pop("world_size"))
+    return []
