@@ -248,7 +248,24 @@ HOSTILE_READ_CASES: dict[str, Case] = {  # hostile .metadata / manifest / paths,
         hm.bad_input_no_world_size, ["1 step(s) of {dump}/checkpoint cannot be read: step-10"],
         command=["inspect", "{dump}/checkpoint"]),
 }
-COMMIT_CASES: dict[str, Case] = {}  # commit, lock, disk-full and launcher rows
+def lock_symlink(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    """``.savepoint.lock`` is a symlink to a file in the folder: the lock must not write through it."""
+    (dump / "checkpoint/notes.txt").write_text("the user's notes\n")
+    (dump / "checkpoint" / LOCK_NAME).symlink_to("notes.txt")
+    return []
+
+
+def lock_fifo(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    os.mkfifo(dump / "checkpoint" / LOCK_NAME)
+    return []
+
+
+COMMIT_CASES: dict[str, Case] = {  # commit, lock, disk-full and launcher rows
+    "lock file is a symlink": Case(lock_symlink, ["the lock file {dump}/checkpoint/.savepoint.lock is a symbolic link",
+                                                  "not a regular file", "remove it"]),
+    "lock file is a FIFO": Case(lock_fifo, ["the lock file {dump}/checkpoint/.savepoint.lock is a FIFO",
+                                            "not a regular file", "remove it"]),
+}
 LOADED_VALUE_CASES: dict[str, Case] = {}  # values a Stateful restores, config values
 HF_CASES: dict[str, Case] = {}  # Hugging Face folders and exports
 

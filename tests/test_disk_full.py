@@ -1,7 +1,8 @@
-"""A full disk (here: a file size limit, so write() fails with EFBIG) during a save loses nothing.
+"""A full disk during a save loses nothing, and the error says the disk is full.
 
-The limit is set with ``setrlimit(RLIMIT_FSIZE)`` around one save, in a subprocess that ignores
-SIGXFSZ, so the write fails the way it does on a full or size-limited filesystem.
+Two ways to fill it: a file size limit (``setrlimit(RLIMIT_FSIZE)`` around one save, in a
+subprocess that ignores SIGXFSZ, so write() fails with EFBIG), and a real 40 MB tmpfs (ENOSPC;
+needs permission to mount, skipped without it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import FAST_ARGS, ROOT
 
@@ -73,3 +76,40 @@ def test_final_save_on_a_full_disk_fails_the_run(tmp_path):
     assert list((tmp_path / "final/checkpoint").glob(".savepoint.lock")) == []  # released at exit
     error = next(line for line in output.splitlines() if line.startswith("error: "))
     assert "saving step 12" in error and "File too large" in error and "--checkpoint.keep_latest_k" in error
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 40 MB tmpfs (too small for one step of the debug model); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); "
+                    "test_periodic_save_on_a_full_disk_is_logged_and_training_goes_on covers EFBIG")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_filesystem_names_enospc_and_the_disk_full_hint(small_tmpfs, capsys):
+    """torch's zip writer turns the write's ENOSPC into 'unexpected pos'; the save reports the ENOSPC."""
+    from savepoint import cli
+    from savepoint.checkpoint import lock
+
+    dump = small_tmpfs / "run"
+    code = cli.main(["train", "--job.config_file", str(ROOT / "configs/debug_model.toml"), "--job.dump_folder",
+                     str(dump), *FAST_ARGS, "--training.steps", "2", "--checkpoint.interval", "1"])
+    lock._release_all()
+    out = capsys.readouterr()
+    assert code == 1
+    logged = next(line for line in out.out.splitlines() if "ERROR" in line and "saving step 1" in line)
+    error = out.err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: saving step 2"), out.err
+    for line in (logged, error[0]):
+        assert "OSError: [Errno 28] No space left on device" in line and "unexpected pos" not in line
+        assert f"Disk full: the disk holding {dump}/checkpoint is full (" in line
+        assert "--checkpoint.keep_latest_k" in line
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == []  # nothing committed, nothing left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,3 +113,83 @@ def test_lock_file_survives_a_race_with_its_release(tmp_path):
     third.acquire()
     third.release()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
+def test_lock_file_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind):
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("not the lock's to overwrite\n")
+    lock_path = root / LOCK_NAME
+    if kind == "symlink":
+        lock_path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(lock_path)
+    else:
+        lock_path.mkdir()
+    what = {"symlink": "a symbolic link", "fifo": "a FIFO (named pipe)", "folder": "a folder"}[kind]
+    with pytest.raises(CheckpointError, match=re.escape(f"the lock file {lock_path} is {what}, not a regular file")
+                       + ".* remove it "):
+        FolderLock(root).acquire()
+    assert target.read_text() == "not the lock's to overwrite\n"
+    assert os.path.lexists(lock_path)  # nothing removed either: the user decides
+    assert lock_path.is_symlink() == (kind == "symlink")
+
+
+def test_checkpoint_folder_deleted_mid_run_takes_the_lock_again(train, tmp_path, caplog):
+    import shutil
+
+    from savepoint.train import Trainer
+    from tests.conftest import make_config
+
+    trainer = Trainer(make_config(tmp_path / "run", "--checkpoint.interval", "2"))
+    root = tmp_path / "run/checkpoint"
+    trainer.train(stop_after=2)
+    shutil.rmtree(root)  # a user deletes the folder while the job runs
+    with caplog.at_level("WARNING", logger="savepoint"):
+        trainer.train(stop_after=4)
+    assert CheckpointFolder(root).committed_steps() == [4]
+    assert f"checkpoint folder {root} was deleted while this job was saving into it: took its lock again" \
+        in caplog.text
+    assert trainer.checkpointer.lock.held and (root / LOCK_NAME).is_file()
+    with pytest.raises(CheckpointError, match="already locked by this process"):
+        FolderLock(root).acquire()  # a second job is refused again
+
+    (root / LOCK_NAME).unlink()  # the lock file alone removed: taken again as well
+    trainer.train(stop_after=6)
+    assert CheckpointFolder(root).committed_steps() == [4, 6]
+    assert "lost its lock file (deleted or replaced)" in caplog.text
+    trainer.checkpointer.close()
+    assert not (root / LOCK_NAME).exists()
+
+
+def test_checkpoint_folder_taken_by_another_job_meanwhile_stops_the_job(tmp_path):
+    import shutil
+
+    from savepoint.errors import FatalCheckpointError
+    from savepoint.train import Trainer
+    from tests.conftest import make_config
+
+    trainer = Trainer(make_config(tmp_path / "run", "--checkpoint.interval", "2"))
+    root = tmp_path / "run/checkpoint"
+    trainer.train(stop_after=2)
+    shutil.rmtree(root)
+    root.mkdir()
+    code = (f"from savepoint.checkpoint.lock import FolderLock; FolderLock({str(root)!r}).acquire(); "
+            "print('locked', flush=True); import time; time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(FatalCheckpointError) as err:  # not a failed periodic save: training stops
+            trainer.train(stop_after=4)
+    finally:
+        other.kill()
+        other.wait()
+    message = str(err.value)
+    assert message.startswith(f"checkpoint folder {root} lost its lock file (deleted or replaced) while this job "
+                              "was saving into it, and the job could not lock it again (checkpoint folder ")
+    assert f"in use by another job: pid {other.pid} on host" in message
+    assert trainer.train_state.step == 4  # it stopped at the save, which committed nothing
+    assert CheckpointFolder(root).committed_steps() == []
+    trainer.checkpointer.close()

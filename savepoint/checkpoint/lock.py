@@ -168,8 +168,8 @@ class FolderLock:
         return fd
 
     def _not_a_file_message(self, kind: str) -> str:
-        return (f"the lock file {self.path} is {kind}, not a regular file, so it was not opened (savepoint never "
-                "writes through it); remove it (savepoint creates the lock file itself) and start the job again")
+        return (f"the lock file {self.path} is {kind}, not a regular file, so savepoint does not use it (it never "
+                "writes through one); remove it (savepoint creates the lock file itself) and start the job again")
 
     def _still_linked(self, fd: int) -> bool:
         try:
