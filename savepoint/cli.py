@@ -60,7 +60,7 @@ def _parse_config(argv: list[str], prog: str):
     from savepoint.config import help_text, parse_args, wants_help
 
     if wants_help(argv):
-        print(help_text(prog))
+        print(help_text(prog, argv=argv, environ=os.environ))  # this job's values next to the defaults
         sys.exit(0)
     return parse_args(argv)
 

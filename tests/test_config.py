@@ -350,3 +350,95 @@ def test_config_to_toml_round_trip(tmp_path: Path) -> None:
 def test_load_step_without_enable_is_an_error() -> None:
     problem = only_problem(["--checkpoint.load_step", "5"])
     assert "--checkpoint.enable" in problem
+
+
+# --- value ranges that torch or the data would otherwise fail on ----------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--optimizer.beta1", "5"], "--optimizer.beta1 must be in [0, 1)"),
+        (["--optimizer.beta2", "1"], "--optimizer.beta2 must be in [0, 1)"),
+        (["--optimizer.eps", "-1"], "--optimizer.eps must be finite and > 0"),
+        (["--optimizer.weight_decay", "-1"], "--optimizer.weight_decay must be finite and >= 0"),
+        (["--optimizer.lr", "inf"], "--optimizer.lr must be finite and > 0"),
+        (["--training.max_norm", "nan"], "--training.max_norm must be finite and >= 0"),
+        (["--training.seed", str(10**23)], "--training.seed must be between 0 and 4294967295"),
+        (["--training.seed", "-1"], "--training.seed must be between 0 and 4294967295"),
+        (["--training.seq_len", "100000000"], "--training.seq_len must be between 1 and 2048, the longest context "
+                                              "of --model.flavor debugmodel"),
+        (["--model.flavor", "8B", "--training.seq_len", "131073"], "between 1 and 131072"),
+        (["--checkpoint.preemption_grace_seconds", "inf"], "--checkpoint.preemption_grace_seconds must be finite"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_values_torch_would_refuse_are_config_errors(argv: list[str], expect: str) -> None:
+    assert expect in only_problem(argv)
+
+
+def test_range_edges_are_allowed() -> None:
+    cfg = parse("--optimizer.beta1", "0", "--optimizer.weight_decay", "0", "--training.seed", str(2**32 - 1),
+                "--training.seq_len", "2048")
+    assert cfg.training.seed == 2**32 - 1
+    assert parse("--model.flavor", "8B", "--training.seq_len", "131072").training.seq_len == 131072
+
+
+def test_dump_folder_under_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    problem = only_problem(["--job.dump_folder", str(tmp_path / "notes.txt/run")])
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in problem
+    assert parse("--job.dump_folder", str(tmp_path / "new/deeper")).job.dump_folder  # creatable: fine
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder", "oversized", "binary"])
+def test_config_file_must_be_a_small_regular_text_file(tmp_path: Path, kind: str) -> None:
+    import os
+
+    path = tmp_path / "job.toml"
+    if kind == "device":
+        path = Path("/dev/zero")  # read whole, this was a 24 GB allocation
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it would block forever
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "oversized":
+        with open(path, "wb") as f:
+            f.truncate(2 << 30)  # sparse: 2 GiB of zeros on no disk
+    else:
+        path.write_bytes(b"\xff\xfe[training]\n")
+    problem = only_problem(["--job.config_file", str(path)])
+    assert str(path) in problem
+    want = {"device": "a character device", "fifo": "a FIFO", "folder": "a folder",
+            "oversized": "more than the 1,048,576", "binary": "not UTF-8 text"}[kind]
+    assert want in problem
+
+
+def test_config_file_through_a_symlink_is_read(tmp_path: Path) -> None:
+    link = tmp_path / "job.toml"
+    link.symlink_to(CONFIGS / "debug_model.toml")
+    assert parse("--job.config_file", str(link)).training.seq_len == 128
+
+
+def test_help_shows_this_jobs_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "[training]\nseq_len = 128\nsteps = 10\n")
+    text = help_text(argv=["--training.steps", "20", "--help"], environ={"CONFIG_FILE": path})
+    assert f"--training.seq_len INT = 128 (from {path}; default: 2048)" in text
+    assert "--training.steps INT = 20 (from the command line; default: 10000)" in text
+    assert "--training.local_batch_size INT (default: 8)" in text  # not set anywhere: the default
+    assert f"the defaults, then {path} (from CONFIG_FILE), then the command line" in text
+    broken = help_text(argv=["--training.stepz", "2"], environ={"CONFIG_FILE": path})
+    assert "1 problem(s); run without --help" in broken and "= 128" in broken
+
+
+def test_config_checks_do_not_import_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from savepoint import cli; rc = cli.main(['check', '--job.config_file', '/dev/zero']); "
+            "assert 'torch' not in sys.modules; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: invalid configuration: config file /dev/zero (from --job.config_file): /dev/zero is a character "
+        "device, not a regular file: refusing to read it as a config file"]

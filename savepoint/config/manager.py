@@ -26,10 +26,12 @@ from savepoint.config import job_config
 from savepoint.config.job_config import JobConfig
 from savepoint.config.validate import validate
 from savepoint.errors import ConfigError
+from savepoint.safe_io import read_regular
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
+CONFIG_FILE_LIMIT = 1 << 20  # 1 MiB: a job config is a few KB
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list[str]"}
 _METAVARS = {int: "INT", float: "FLOAT", str: "STR", list: "A,B,..."}
 
@@ -279,13 +281,25 @@ def _toml_overrides(data: dict[str, Any], path: str) -> tuple[list[_Override], l
     return overrides, problems
 
 
+class _Unreadable(Exception):
+    """The config file is not a regular file of sane size (raised by ``safe_io.read_regular``)."""
+
+
 def _read_toml(path: str, origin: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """Parse the TOML file; a missing file or a syntax error becomes a problem."""
+    """Parse the TOML file; a missing, unreadable, oversized or non-UTF-8 file or a syntax error becomes a problem.
+
+    The path is the user's choice, so a symlink to a config is followed; what it names must be a
+    regular file of at most ``CONFIG_FILE_LIMIT`` bytes (``/dev/zero`` or a FIFO is refused unread).
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f), []
+        data = read_regular(os.path.realpath(path), CONFIG_FILE_LIMIT, "config file", error=_Unreadable)
+        return tomllib.loads(data.decode("utf-8")), []
     except tomllib.TOMLDecodeError as e:
         return None, [f"{path}: TOML syntax error: {e}; fix the file (from {origin})"]
+    except UnicodeDecodeError as e:
+        return None, [f"{path} is not UTF-8 text (byte {e.start}); a config file is TOML (from {origin})"]
+    except _Unreadable as e:
+        return None, [f"config file {path} (from {origin}): {e}"]
     except OSError as e:
         return None, [f"cannot read config file {path} (from {origin}): {e.strerror or e}"]
 
@@ -339,14 +353,48 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in ("-h", "--help") for arg in argv)
 
 
-def _default_text(opt: _Option) -> str:
+def _value_text(opt: _Option, value: Any) -> str:
     if opt.base is list:
-        return ",".join(opt.default) or "empty"
-    return str(opt.default)
+        return ",".join(value) or "empty"
+    return "none" if value is None else str(value)
 
 
-def help_text(prog: str = "savepoint train") -> str:
-    """The ``--help`` text: usage, where the TOML file comes from, and every option with its doc."""
+def _default_text(opt: _Option) -> str:
+    return _value_text(opt, opt.default)
+
+
+def _effective_values(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
+    """What the TOML file and ``argv`` set, by dotted key, as (value, where from); and a line naming the sources.
+
+    Lenient: a problem anywhere only leaves that value out (``--help`` must work on a broken config;
+    running without it reports the problems).
+    """
+    cli, problems = _parse_cli([a for a in argv if a not in ("-h", "--help")])
+    path, origin = _config_file(cli, environ)
+    values: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        data, file_problems = _read_toml(path, origin)
+        problems += file_problems
+        if data is not None:
+            from_file, more = _toml_overrides(data, path)
+            problems += more
+            values.update((opt.dotted, (value, path)) for opt, value in from_file)
+    values.update((opt.dotted, (value, "the command line")) for opt, value in cli)
+    how = CONFIG_FILE_ENV if origin.startswith(CONFIG_FILE_ENV + "=") else origin
+    where = f"{path} (from {how}), then the command line" if path else "the command line (no config file)"
+    note = f"This job's values (shown as '= VALUE'): the defaults, then {where}."
+    if problems:
+        note += f" The config has {len(problems)} problem(s); run without --help to see them."
+    return values, note
+
+
+def help_text(prog: str = "savepoint train", argv: Sequence[str] | None = None,
+              environ: Mapping[str, str] | None = None) -> str:
+    """The ``--help`` text: usage, where the TOML file comes from, and every option with its doc.
+
+    With ``argv`` (the command line ``--help`` came with), each option whose value the config file
+    or the command line sets shows that value and where it came from, next to the default.
+    """
     lines = [
         f"usage: {prog} [--section.key VALUE | --section.key=VALUE | --section.switch] ...",
         "",
@@ -357,6 +405,10 @@ def help_text(prog: str = "savepoint train") -> str:
         "(--checkpoint.exclude_from_loading optimizer,lr_scheduler); 'none' unsets an optional",
         "value. Hyphens and underscores are interchangeable in option names.",
     ]
+    values: dict[str, tuple[Any, str]] = {}
+    if argv is not None:
+        values, note = _effective_values(argv, os.environ if environ is None else environ)
+        lines += ["", note]
     docs = field_docs()
     for section, opts in _options().items():
         lines += ["", f"[{section}]"]
@@ -365,7 +417,12 @@ def help_text(prog: str = "savepoint train") -> str:
                 usage = f"{opt.flag} / {opt.negative_flag}"
             else:
                 usage = f"{opt.flag} {_METAVARS[opt.base]}"
-            lines.append(f"  {usage} (default: {_default_text(opt)})")
+            if opt.dotted in values:
+                value, source = values[opt.dotted]
+                usage += f" = {_value_text(opt, value)} (from {source}; default: {_default_text(opt)})"
+            else:
+                usage += f" (default: {_default_text(opt)})"
+            lines.append(f"  {usage}")
             lines.append(f"      {docs.get((opt.owner, opt.name), '')}")
     return "\n".join(lines) + "\n"
 

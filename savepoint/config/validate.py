@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from savepoint.config.job_config import (
@@ -32,6 +35,13 @@ LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 STATE_ALIASES = {"data_loader": "dataloader"}
 OPTIMIZER_IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
 DECAY_TYPES = ("linear", "sqrt", "cosine")
+# torch's generators take 64-bit seeds and the data order seeds each epoch with seed * 1_000_003 + epoch;
+# a 32-bit seed leaves room for every epoch (and is what most tools call a seed).
+MAX_SEED = 2**32 - 1
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
 
 
 def _need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
@@ -93,7 +103,8 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
     )
     problems += _need(f"{p}folder", ckpt.folder, bool(ckpt.folder.strip()), "a non-blank path")
     problems += _need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
-                      ckpt.preemption_grace_seconds > 0, "> 0 (seconds to save after SIGTERM)")
+                      _finite(ckpt.preemption_grace_seconds) and ckpt.preemption_grace_seconds > 0,
+                      "finite and > 0 (seconds to save after SIGTERM)")
     problems += _one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
     problems += _one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
     problems += _exclude_problems(ckpt)
@@ -122,20 +133,38 @@ def _model_problems(model: Model) -> list[str]:
     return problems
 
 
-def _training_problems(t: Training) -> list[str]:
+def _training_problems(t: Training, flavor: str) -> list[str]:
     p = "--training."
     problems = _need(f"{p}steps", t.steps, t.steps >= 1, ">= 1")
     problems += _need(f"{p}local_batch_size", t.local_batch_size, t.local_batch_size >= 1, ">= 1")
-    problems += _need(f"{p}seq_len", t.seq_len, t.seq_len >= 1, ">= 1")
-    problems += _need(f"{p}max_norm", t.max_norm, t.max_norm >= 0, ">= 0 (0 disables clipping)")
+    problems += _seq_len_problems(t.seq_len, flavor)
+    problems += _need(f"{p}max_norm", t.max_norm, _finite(t.max_norm) and t.max_norm >= 0,
+                      "finite and >= 0 (0 disables clipping)")
+    problems += _need(f"{p}seed", t.seed, 0 <= t.seed <= MAX_SEED, f"between 0 and {MAX_SEED} (2**32 - 1)")
     problems += _one_of(f"{p}mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
     problems += _one_of(f"{p}mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     return problems
 
 
+def _seq_len_problems(seq_len: int, flavor: str) -> list[str]:
+    """At least 1 token, at most the context the flavor's RoPE tables are built for (Llama 3.1: 131072)."""
+    if seq_len < 1 or flavor not in LLAMA3_FLAVORS:
+        return _need("--training.seq_len", seq_len, seq_len >= 1, ">= 1")
+    longest = LLAMA3_FLAVORS[flavor].max_seq_len
+    return _need("--training.seq_len", seq_len, seq_len <= longest,
+                 f"between 1 and {longest}, the longest context of --model.flavor {flavor}")
+
+
 def _optimizer_problems(opt: Optimizer) -> list[str]:
-    problems = _one_of("--optimizer.name", opt.name, ("AdamW",))
-    problems += _need("--optimizer.lr", opt.lr, opt.lr > 0, "> 0")
+    o = "--optimizer."
+    problems = _one_of(f"{o}name", opt.name, ("AdamW",))
+    problems += _need(f"{o}lr", opt.lr, _finite(opt.lr) and opt.lr > 0, "finite and > 0")
+    for name in ("beta1", "beta2"):
+        beta = getattr(opt, name)
+        problems += _need(f"{o}{name}", beta, 0 <= beta < 1, "in [0, 1) (AdamW's moment decay)")
+    problems += _need(f"{o}eps", opt.eps, _finite(opt.eps) and opt.eps > 0, "finite and > 0")
+    problems += _need(f"{o}weight_decay", opt.weight_decay, _finite(opt.weight_decay) and opt.weight_decay >= 0,
+                      "finite and >= 0 (0 disables weight decay)")
     problems += _one_of(
         "--optimizer.implementation", opt.implementation, OPTIMIZER_IMPLEMENTATIONS
     )
@@ -173,6 +202,31 @@ def _comm_problems(c: Comm) -> list[str]:
     return problems
 
 
+def dump_folder_problems(folder: str) -> list[str]:
+    """The dump folder can exist: no part of it is a file, and the deepest existing folder is writable.
+
+    Only what can be told without creating anything; ``MetricsLog`` reports a folder that still
+    cannot be created (``/proc/x``) when training starts.
+    """
+    flag = "--job.dump_folder"
+    if not folder.strip():
+        return _need(flag, folder, False, "a non-blank path")
+    path = Path(folder).absolute()
+    for part in (path, *path.parents):
+        try:
+            is_dir = part.is_dir()
+            exists = is_dir or part.exists()
+        except OSError as e:
+            return [f"{flag}={folder}: cannot look at {part} ({e.strerror}); choose another folder"]
+        if exists and not is_dir:
+            return [f"{flag}={folder}: {part} is a file, not a folder; choose another --job.dump_folder"]
+        if is_dir:
+            if not os.access(part, os.W_OK | os.X_OK):
+                return [f"{flag}={folder}: {part} is not writable; choose a folder you can write to"]
+            return []
+    return []
+
+
 def _metrics_problems(m: Metrics) -> list[str]:
     return _need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
 
@@ -187,7 +241,8 @@ def validate(cfg: JobConfig) -> list[str]:
     return (
         _checkpoint_problems(cfg.checkpoint)
         + _model_problems(cfg.model)
-        + _training_problems(cfg.training)
+        + dump_folder_problems(cfg.job.dump_folder)
+        + _training_problems(cfg.training, cfg.model.flavor)
         + _optimizer_problems(cfg.optimizer)
         + _lr_scheduler_problems(cfg.lr_scheduler)
         + _parallelism_problems(cfg.parallelism)
