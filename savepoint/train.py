@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -37,11 +38,12 @@ from savepoint.config import JobConfig, config_to_dict
 from savepoint.config.layout import resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
-from savepoint.errors import CheckpointError
+from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.llama3 import Llama3HFAdapter
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
+from savepoint.safe_io import open_append_regular
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +60,61 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Te
 
 
 class MetricsLog:
-    """Loss and friends, on the log and appended as JSON lines to ``<dump_folder>/metrics.jsonl``."""
+    """Loss and friends, on the log and appended as JSON lines to ``<dump_folder>/metrics.jsonl``.
+
+    The file is a regular file of its own: a symlink (or FIFO, device, folder) there is refused at
+    start-up rather than written through. Once training runs, the log matters less than the
+    checkpoints: a failed write (a full disk, the file replaced by a symlink) warns once and
+    training goes on; later records are tried again.
+    """
 
     def __init__(self, dump_folder: str, log_freq: int):
         self.path = Path(dump_folder) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.log_freq = log_freq
         self.writes_file = not dist.is_initialized() or dist.get_rank() == 0  # values are global: one writer
+        self.warned = False
+        self.missing = 0  # records not written since the last successful write
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError([f"--job.dump_folder={dump_folder}: cannot create {self.path.parent} "
+                               f"({e.strerror or e}); choose a folder you can write to"]) from None
+        if self.writes_file:
+            try:
+                open_append_regular(self.path, "metrics log").close()
+            except OSError as e:
+                self._warn(f"cannot open {self.path} ({e.strerror or e})")
 
     def maybe_log(self, step: int, last_step: bool, record: dict) -> None:
         if step % self.log_freq and not last_step:
             return
         logger.info("step %5d  loss %.6f  lr %.3e  grad_norm %.4f  %.0f tok/s", step, record["loss"],
                     record["lr"], record["grad_norm"], record["tokens_per_second"])
-        if not self.writes_file:
+        if self.writes_file:
+            self._append(step, json.dumps({"step": step, **record}) + "\n")
+
+    def _append(self, step: int, line: str) -> None:
+        try:
+            with open_append_regular(self.path, "metrics log") as f:
+                f.write(line.encode("utf-8"))
+        except (OSError, CheckpointError) as e:
+            self._warn(f"step {step}: writing {self.path} failed ({getattr(e, 'strerror', None) or e})")
+            self.missing += 1
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.missing:
+            logger.info("step %d: %s is writable again; the %d record(s) before this one are missing from it",
+                        step, self.path, self.missing)
+            self.missing = 0
+
+    def _warn(self, what: str) -> None:
+        if not self.warned:
+            logger.warning("%s; training goes on and the metrics stay on this log (warned once; later records "
+                           "are tried again)", what)
+            self.warned = True
+
+
+class NonFiniteLoss(SavepointError):
+    """The loss or gradient norm of a step is NaN or infinite: training stops before the optimizer step."""
 
 
 class Preemption:
@@ -138,6 +178,7 @@ class Trainer:
         self.cfg = cfg
         self.dims = resolve_parallel_dims(cfg, world_size())
         self.device = init_distributed(cfg.comm)
+        self.metrics = MetricsLog(cfg.job.dump_folder, cfg.metrics.log_freq)  # first: a bad dump folder fails fast
         if cfg.checkpoint.create_seed_checkpoint:
             self.device = torch.device("cpu")  # the seed's weights come from a CPU init, like every init here
         if cfg.training.deterministic:
@@ -157,7 +198,6 @@ class Trainer:
         self.dataloader = build_dataloader(t.dataset, t.seq_len, t.local_batch_size, t.seed,
                                            dp_rank=dp_rank(self.mesh, self.dims), dp_degree=self.dims.dp)
         self.train_state = TrainState()
-        self.metrics = MetricsLog(cfg.job.dump_folder, cfg.metrics.log_freq)
         self.checkpointer = CheckpointManager(
             cfg.checkpoint,
             cfg.job.dump_folder,
@@ -193,20 +233,39 @@ class Trainer:
                     self.checkpointer.folder.step_dir(0))
 
     def train_step(self) -> dict:
+        """Forward, backward and optimizer step on the next batch; returns the step's metrics.
+
+        Raises:
+            NonFiniteLoss: the loss or gradient norm is not finite (checked on every rank alike,
+                before the optimizer step, so the weights stay those of the step before).
+        """
         first = self.dataloader.sample_index  # global sample stream position of this step's batch
         inputs, labels = (t.to(self.device) for t in self.dataloader.next_batch())
         logits = self.model(inputs)  # [bs, seq_len, vocab_size]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         loss.backward()
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm)
+        global_loss, norm = self._global_mean(loss.detach()), grad_norm.item()  # the same on every rank
+        if not (math.isfinite(global_loss) and math.isfinite(norm)):
+            raise self._non_finite(global_loss, norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.checkpointer.wait_for_staging()  # an async save must finish copying before parameters change
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.train_state.ntokens_seen += inputs.numel() * self.dims.dp  # global: the same at every layout
-        return {"loss": self._global_mean(loss.detach()), "lr": float(lr), "grad_norm": grad_norm.item(),
+        return {"loss": global_loss, "lr": float(lr), "grad_norm": norm,
                 "samples": [first, first + self.dataloader.local_batch_size * self.dims.dp]}
+
+    def _non_finite(self, loss: float, grad_norm: float) -> NonFiniteLoss:
+        step = self.train_state.step
+        committed = self.checkpointer.folder.committed_steps() if self.checkpointer.cfg.enable else []
+        where = (f"the latest committed step is step-{committed[-1]} in {self.checkpointer.folder.root}"
+                 if committed else "no checkpoint was committed")
+        bad = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss})"
+        return NonFiniteLoss(
+            f"step {step}: {bad}, so training stopped before the optimizer step and saved nothing; {where}. "
+            "Lower --optimizer.lr or --training.max_norm, or resume from an earlier step with --checkpoint.load_step")
 
     def _global_mean(self, loss: torch.Tensor) -> float:
         """The loss over the global batch: the mean over ranks (TP ranks hold equal copies, so this is the dp mean)."""
