@@ -18,7 +18,9 @@ harm narrowed down:
 - nothing is allocated before the bytes for it are read (``BYTEARRAY8`` is refused), and the input
   is at most ``MAX_METADATA_BYTES``.
 
-It is about 2-3x slower than the C unpickler (about 0.1 s per MB of ``.metadata`` here).
+The price is speed: it runs as fast as Python's pure-Python unpickler, about 1 s per MB of
+``.metadata`` on a busy 2-core machine, 3-15x the C unpickler's time (the debug model's 0.24 MB
+takes 0.25 s; a 20,000-chunk, 3 MB one about 4 s). A reader unpickles ``.metadata`` once per load.
 """
 
 from __future__ import annotations
