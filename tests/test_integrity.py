@@ -118,7 +118,8 @@ class _Evil:
 def test_hostile_metadata_runs_nothing_and_names_the_forbidden_object(saved, train, tmp_path):
     marker = tmp_path / "pwned"
     step = saved.step_dir(10)
-    (step / "manifest.json").unlink()  # a hostile checkpoint would not bring honest checksums
+    for manifest in saved.root.glob("step-*/manifest.json"):
+        manifest.unlink()  # a hostile folder would not bring honest checksums (so none of its steps has them)
     (step / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(UnsafeCheckpointError, match=r"asks to load (posix|os)\.system") as err:
         train("--checkpoint.load_step", "10")
@@ -157,15 +158,20 @@ def test_plain_values_still_load(tmp_path):
 
 
 def test_steps_without_checksums_get_the_structural_check(saved, tmp_path):
-    step = tmp_path / "titan-step"
-    shutil.copytree(saved.step_dir(10), step)
-    (step / "manifest.json").unlink()  # as TorchTitan writes it
+    step = tmp_path / "titan" / "step-1"
+    dcp.save({"w": torch.ones(1000), "extra": {"step": 1}}, checkpoint_id=step, no_dist=True)  # as TorchTitan does
     report = verify_step(step)
     assert report.ok and not report.verified and "no checksums" in report.notes[0]
     data = step / "__0_0.distcp"
     os.truncate(data, data.stat().st_size // 2)
     report = verify_step(step)
-    assert not report.ok and ".metadata places an item at bytes" in report.problems[0]
+    assert not report.ok and ".metadata places 'w' at bytes" in report.problems[0]
+    # A step savepoint wrote is never taken for one of those, even alone in its folder.
+    ours = tmp_path / "copied" / "step-10"
+    shutil.copytree(saved.step_dir(10), ours)
+    (ours / "manifest.json").unlink()
+    report = verify_step(ours)
+    assert not report.ok and "shows savepoint wrote this step (into .step-10.partial)" in report.problems[0]
 
 
 @pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])

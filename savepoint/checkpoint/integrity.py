@@ -19,9 +19,12 @@ checkpoint never runs code from it.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +38,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from savepoint.checkpoint.safe_load import safe_unpickle
 from savepoint.errors import CheckpointError, CorruptCheckpointError
+from savepoint.safe_io import inside, open_regular, read_regular, regular_size
 
 ALGORITHM = "xxh3_128"
 SIDECAR_SUFFIX = ".sums.json"
@@ -43,6 +47,9 @@ OVERLAP_MIN = 1 << 20  # writes at least this big are hashed on the helper threa
 MANIFEST = "manifest.json"
 SELF_KEY = "manifest_checksum"
 _BLANK = "0" * 32
+MANIFEST_LIMIT = 256 << 20  # a manifest is ~120 bytes per stored item: 256 MiB is ~2 million items
+METADATA_LIMIT = 1 << 30  # a .metadata without a recorded size is read only up to this
+MAX_DEPTH = 32  # a manifest nests 6 levels
 
 
 def _hexdigest(data: Any) -> str:
@@ -256,66 +263,319 @@ def _self_field(value: str) -> bytes:
 
 
 def read_manifest(step_dir: Path) -> dict[str, Any] | None:
-    """The step's manifest after checking its own checksum; None when there is no manifest.
+    """The step's manifest, read within bounds, its own checksum and its schema checked; None when absent.
+
+    The only reader of ``manifest.json``. It reads at most :data:`MANIFEST_LIMIT` bytes from a
+    regular file (not a symlink, FIFO or folder), refuses nesting deeper than :data:`MAX_DEPTH`
+    before parsing (``json`` parses recursively), and checks every field a reader uses
+    (:func:`check_manifest`), so callers can index it without guarding against a crafted one.
 
     Raises:
-        CorruptCheckpointError: the manifest is not valid JSON or its bytes changed.
+        CorruptCheckpointError: something is at ``manifest.json`` but it is not a sound manifest.
     """
     path = Path(step_dir) / MANIFEST
-    if not path.is_file():
+    try:
+        raw = read_regular(path, MANIFEST_LIMIT, "manifest", CorruptCheckpointError)
+    except FileNotFoundError:
         return None
-    raw = path.read_bytes()
+    if not _nesting_within(raw, MAX_DEPTH):
+        raise CorruptCheckpointError(f"{path} is corrupt: its JSON is nested more than {MAX_DEPTH} levels deep "
+                                     "(or its brackets do not balance); a manifest is a few levels deep")
     try:
         manifest = json.loads(raw)
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{path} is corrupt: not valid JSON (not a JSON object)")
     stored = manifest.get(SELF_KEY)
-    if stored is None:
-        return manifest  # written before manifests checked themselves
-    if not isinstance(stored, str) or raw.count(_self_field(stored)) != 1 or \
-            _hexdigest(raw.replace(_self_field(stored), _self_field(_BLANK), 1)) != stored:
+    if stored is not None and (not isinstance(stored, str) or raw.count(_self_field(stored)) != 1 or
+                               _hexdigest(raw.replace(_self_field(stored), _self_field(_BLANK), 1)) != stored):
         raise CorruptCheckpointError(f"{path} is corrupt: its bytes do not match its {SELF_KEY}")
+    check_manifest(manifest, path)  # also for manifests written before they checked themselves
     return manifest
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting_within(raw: bytes, depth: int) -> bool:
+    """Whether the JSON text's brackets balance within ``depth`` levels (a few C-level passes, no parse)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(depth):
+        if not brackets:
+            return True
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if len(shorter) == len(brackets):
+            return False  # unbalanced: json.loads would say where
+        brackets = shorter
+    return not brackets
+
+
+class _Schema:
+    """Type checks for one manifest: each failure names the field, as ``checksums.files['x'].size``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> None:
+        raise CorruptCheckpointError(f"{self.path} is corrupt: {where} {problem}")
+
+    def mapping(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(where, f"is {_json_type(value)}, not an object (mapping)")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int = 0) -> int:
+        if type(value) is not int or value < minimum:
+            self.fail(where, f"is {value!r}, not an integer >= {minimum}" if _short(value) else
+                      f"is {_json_type(value)}, not an integer >= {minimum}")
+        return value
+
+    def text(self, value: Any, where: str, optional: bool = False) -> None:
+        if not isinstance(value, str) and not (optional and value is None):
+            self.fail(where, f"is {_json_type(value)}, not a string")
+
+    def name(self, value: str, where: str) -> None:
+        if not value or "/" in value or "\0" in value or value in (".", ".."):
+            self.fail(where, f"names {value!r}, which is not a file of the step folder (a manifest names only "
+                             "the plain file names of its own step); nothing outside the step was read")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, (int, float, bool)) or value is None
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every field readers use has its type: ``checksums.files`` maps plain file names to
+    ``{"size": int >= 0, "segments": [[start, end, hex], ...]}`` whose segments cover the file in
+    order, without gaps or overlaps; ``files`` maps names to sizes; ``kind``, ``layout`` and the
+    ``job_config`` sections have the shapes savepoint writes.
+
+    Raises:
+        CorruptCheckpointError: naming the first field that is wrong.
+    """
+    s = _Schema(path)
+    for key in ("format", "kind", "torch_version"):
+        if key in manifest:
+            s.text(manifest[key], key)
+    if "export_dtype" in manifest:
+        s.text(manifest["export_dtype"], "export_dtype", optional=True)
+    if "step" in manifest:
+        s.integer(manifest["step"], "step")
+    if "world_size" in manifest:
+        s.integer(manifest["world_size"], "world_size", minimum=1)
+    if "created_unix" in manifest and type(manifest["created_unix"]) not in (int, float):
+        s.fail("created_unix", f"is {_json_type(manifest['created_unix'])}, not a number")
+    if "layout" in manifest:
+        layout = s.mapping(manifest["layout"], "layout")
+        for key, value in layout.items():
+            s.integer(value, f"layout.{key}", minimum=1)
+        if layout and "world_size" not in layout:
+            s.fail("layout", "has no world_size")
+    if "files" in manifest:
+        for name, size in s.mapping(manifest["files"], "files").items():
+            s.name(name, f"files[{name!r}]")
+            s.integer(size, f"files[{name!r}]")
+    if "job_config" in manifest:
+        for section, values in s.mapping(manifest["job_config"], "job_config").items():
+            s.mapping(values, f"job_config.{section}")
+        flavor = manifest["job_config"].get("model", {}).get("flavor")
+        s.text(flavor, "job_config.model.flavor", optional=True)
+    if "checksums" in manifest:
+        checksums = s.mapping(manifest["checksums"], "checksums")
+        if checksums.get("algorithm") != ALGORITHM:
+            s.fail("checksums.algorithm", f"is {checksums.get('algorithm')!r}; this savepoint checks {ALGORITHM!r}")
+        for name, entry in s.mapping(checksums.get("files"), "checksums.files").items():
+            where = f"checksums.files[{name!r}]"
+            s.name(name, where)
+            entry = s.mapping(entry, where)
+            size = s.integer(entry.get("size"), f"{where}.size")
+            segments = entry.get("segments")
+            if not isinstance(segments, list):
+                s.fail(f"{where}.segments", f"is {_json_type(segments)}, not a list")
+            _check_segments(s, segments, size, f"{where}.segments")
+
+
+def _check_segments(s: _Schema, segments: list[Any], size: int, where: str) -> None:
+    """Segments are ``[start, end, digest]`` and tile ``[0, size)`` in order: none overlaps, repeats or is missing."""
+    end = 0
+    for i, seg in enumerate(segments):
+        if type(seg) is not list or len(seg) != 3 or type(seg[0]) is not int or type(seg[1]) is not int or \
+                type(seg[2]) is not str or len(seg[2]) != 32:
+            s.fail(f"{where}[{i}]", f"is {_json_type(seg)}, not [start, end, 32-digit hash]" if not _short(seg)
+                   else f"is {seg!r}, not [start, end, 32-digit hash]")
+        if seg[0] != end or seg[1] <= seg[0]:
+            s.fail(f"{where}[{i}]", f"is bytes [{seg[0]}, {seg[1]}) but the segment before it ends at byte {end}: "
+                   "segments must cover the file in order, each once, without gaps or overlaps")
+        end = seg[1]
+    if end != size:
+        s.fail(where, f"cover bytes [0, {end}) of a {size}-byte file: segments must cover all of it, and no more")
+
+
+# ---- which steps must have checksums ------------------------------------------------------------
+
+_STEP_RE = re.compile(r"^step-\d+$")
+_STAGING_RE = re.compile(r"^\.step-\d+\.partial$")  # where savepoint writes a step before committing it
+
+
+def step_checksums(step_dir: str | os.PathLike, require: bool = False) -> dict[str, Any] | None:
+    """The checksums a step must be loaded with, by the one rule for steps without them.
+
+    The rule (load, ``verify``, ``inspect`` and the converters all go through here):
+
+    1. A ``step-N`` folder that is a symlink is refused: a committed step is a folder of its own.
+    2. If anything is at ``manifest.json``, it must be a sound manifest *with* ``checksums``:
+       savepoint writes them with every step, so a manifest without them was tampered with.
+    3. Without a manifest, the step counts as corrupt when savepoint evidently wrote it: another
+       ``step-M`` in the same folder has a manifest, or (checked once ``.metadata`` is read, see
+       :meth:`VerifyingReader.read_metadata`) its ``.metadata`` was written into savepoint's
+       staging folder ``.step-N.partial``.
+    4. Otherwise (a folder that never had manifests: TorchTitan's) it loads unverified, and only
+       with ``require`` (``--checkpoint.require_checksums``) is that an error.
+
+    Returns:
+        the manifest's ``checksums``, or None for an unverified step (rule 4).
+
+    Raises:
+        CorruptCheckpointError: rules 1-3.
+        CheckpointError: rule 4 with ``require``.
+    """
+    step_dir = Path(step_dir)
+    if _STEP_RE.match(step_dir.name) and step_dir.is_symlink():
+        raise CorruptCheckpointError(
+            f"{step_dir} is a symbolic link (to {os.readlink(step_dir)}): a committed step is a folder inside "
+            "its checkpoint folder, so the link was not followed; replace it with the step folder itself")
+    manifest = read_manifest(step_dir)
+    if manifest is not None:
+        checksums = manifest.get("checksums")
+        if checksums is None:
+            raise CorruptCheckpointError(
+                f"{step_dir / MANIFEST} is corrupt: it has no checksums, which savepoint writes into every "
+                "manifest, so they were removed and the step cannot be verified")
+        return checksums
+    sibling = _sibling_with_manifest(step_dir)
+    if sibling is not None:
+        raise CorruptCheckpointError(
+            f"{step_dir / MANIFEST} is missing, but {sibling.name} in the same folder has one: savepoint writes a "
+            "manifest with every step, so this one was removed or lost and the step cannot be verified")
+    if require:
+        raise CheckpointError(
+            f"{step_dir} has no checksums (no {MANIFEST}: written by TorchTitan, not savepoint) and "
+            "--checkpoint.require_checksums is set; drop that flag to load it unverified, or verify the files "
+            "another way")
+    return None
+
+
+def _sibling_with_manifest(step_dir: Path) -> Path | None:
+    try:
+        entries = list(os.scandir(step_dir.parent))
+    except OSError:
+        return None
+    for entry in sorted(entries, key=lambda e: e.name):
+        if entry.name != step_dir.name and _STEP_RE.match(entry.name) and \
+                os.path.lexists(os.path.join(entry.path, MANIFEST)):
+            return Path(entry.path)
+    return None
+
+
+def written_by_savepoint(metadata: Any) -> str | None:
+    """Where ``.metadata`` shows savepoint wrote it (its staging folder's name), else None."""
+    checkpoint_id = getattr(getattr(metadata, "storage_meta", None), "checkpoint_id", None)
+    if isinstance(checkpoint_id, (str, os.PathLike)):
+        name = os.path.basename(os.fspath(checkpoint_id))
+        if isinstance(name, str) and _STAGING_RE.match(name):
+            return name
+    return None
 
 
 # ---- reading -----------------------------------------------------------------------------------
 
 
+class _StepFiles(FileSystem):
+    """DCP's file access for a reader: only regular files inside the step folder, never through a symlink.
+
+    DCP joins each ``relative_path`` of ``.metadata`` to the step folder and opens the result:
+    an absolute name or ``..`` would read outside, a FIFO would block the load forever.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        super().__init__()
+        self.root = Path(root)
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        if mode != "rb":
+            raise CheckpointError(f"refusing to open {path} for writing: a checkpoint is only read here")
+        path = Path(path)
+        try:
+            name = str(path.relative_to(self.root))
+        except ValueError:
+            raise CorruptCheckpointError(f"{self.root}: refusing to read {path}, which is outside the step folder; "
+                                         "nothing outside it was read") from None
+        checked = inside(self.root, name, "data file", CorruptCheckpointError)
+        try:
+            stream = open_regular(checked, "data file", CorruptCheckpointError)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{checked} is missing (named in .metadata)") from None
+        with stream:
+            yield stream
+
+
 class VerifyingReader(FileSystemReader):
     """``FileSystemReader`` that checks every byte it reads against the step's manifest.
+
+    It opens only regular files inside the step folder (:class:`_StepFiles`), reads ``.metadata``
+    within its recorded size, and before DCP plans anything checks that every item ``.metadata``
+    lists lies within its file, that every tensor's shape is backed by the bytes stored for it,
+    and (with checksums) that every file it names is listed in the manifest and that reading an
+    item never reads much more than the item. A load reads each byte once.
 
     Args:
         path: the step folder.
         checksums: the manifest's ``checksums`` section; None for checkpoints written without one
-            (TorchTitan, older savepoint), which are still unpickled safely but not verified.
+            (TorchTitan), which are still unpickled safely and checked structurally, but not verified.
     """
 
     def __init__(self, path: str | os.PathLike, checksums: dict[str, Any] | None = None):
         super().__init__(path)
+        self.fs = _StepFiles(self.path)
+        self.checksums = checksums
         self.files: dict[str, Any] = (checksums or {}).get("files", {})
+        self._starts = {name: [s[0] for s in entry["segments"]] for name, entry in self.files.items()}
         self._metadata: Any = None
+        self._step_rule = False  # for_step: refuse a savepoint-written .metadata without checksums
+        self._cached: tuple[str, int, int, bytes] | None = None
+        self._items_checked = False
 
     @classmethod
-    def for_step(cls, step_dir: str | os.PathLike) -> VerifyingReader:
-        """A reader for a step folder, with its manifest's checksums if it has them (manifest checked first)."""
-        manifest = read_manifest(Path(step_dir))
-        return cls(step_dir, (manifest or {}).get("checksums"))
+    def for_step(cls, step_dir: str | os.PathLike, require_checksums: bool = False) -> VerifyingReader:
+        """A reader for a step folder, with the checksums :func:`step_checksums` says it must have."""
+        reader = cls(step_dir, step_checksums(step_dir, require_checksums))
+        reader._step_rule = True
+        return reader
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        super().reset(checkpoint_id)
+        self.fs.root = Path(self.path)
 
     @property
     def verified(self) -> bool:
-        return bool(self.files)
+        return self.checksums is not None
+
+    def _file(self, name: str, what: str = "data file") -> Path:
+        return inside(self.path, name, what, CorruptCheckpointError)
 
     def check_sizes(self) -> None:
-        """Every file the manifest names exists with its size (catches truncation before reading), and
-        so does every file ``.metadata`` names (a step committed without some rank's shards)."""
-        for name in sorted({info.relative_path for info in getattr(self._metadata, "storage_data", {}).values()}):
-            if name not in self.files and not (Path(self.path) / name).is_file():
-                raise CorruptCheckpointError(f"{Path(self.path) / name} is missing (named in .metadata)")
+        """Every file the manifest names exists with its size (catches truncation before reading)."""
         for name, entry in self.files.items():
-            path = Path(self.path) / name
-            size = path.stat().st_size if path.is_file() else None
+            path = self._file(name)
+            size = regular_size(path, "checkpoint file", CorruptCheckpointError)
             if size is None:
                 raise CorruptCheckpointError(f"{path} is missing (listed in {MANIFEST})")
             if size != entry["size"]:
@@ -326,18 +586,7 @@ class VerifyingReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         if self._metadata is None:
-            path = Path(self._get_metadata_path(kwargs.get("rank")))
-            if not path.is_file():
-                raise CheckpointError(f"{path.parent} has no {path.name}: it is not a complete DCP checkpoint")
-            data = path.read_bytes()
-            entry = self.files.get(path.name)
-            if entry is not None:
-                _check_bytes(path, entry, 0, data)
-            metadata = safe_unpickle(data, str(path))
-            if any(getattr(metadata, name, None) is None for name in ("storage_data", "state_dict_metadata")):
-                raise CorruptCheckpointError(f"{path} is corrupt: it unpickles to a {type(metadata).__name__}, "
-                                             "not DCP metadata")
-            self._metadata = metadata
+            self._metadata = self._read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
         metadata = self._metadata
         from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -346,33 +595,189 @@ class VerifyingReader(FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def _read_metadata(self, path: Path) -> Any:
+        if self.verified:
+            self.check_sizes()  # a truncated or swapped file is named before anything is read
+        path = self._file(path.name, "metadata file")
+        entry = self.files.get(path.name)
+        if self.verified and entry is None:
+            raise CorruptCheckpointError(f"{path.parent / MANIFEST} is corrupt: it has no checksums for "
+                                         f"{path.name}, which savepoint always lists")
+        try:
+            data = read_regular(path, METADATA_LIMIT if entry is None else min(entry["size"], METADATA_LIMIT),
+                                "DCP .metadata", CorruptCheckpointError)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path.parent} has no {path.name}: it is not a complete DCP checkpoint") from None
+        if entry is not None:
+            _check_bytes(path, entry["segments"], 0, data)
+        metadata = safe_unpickle(data, str(path))
+        if any(getattr(metadata, name, None) is None for name in ("storage_data", "state_dict_metadata")):
+            raise CorruptCheckpointError(f"{path} is corrupt: it unpickles to a {type(metadata).__name__}, "
+                                         "not DCP metadata")
+        if self._step_rule and not self.verified:
+            staging = written_by_savepoint(metadata)
+            if staging is not None:
+                raise CorruptCheckpointError(
+                    f"{path.parent / MANIFEST} is missing, but {path} shows savepoint wrote this step (into "
+                    f"{staging}): savepoint writes a manifest with every step, so it was removed or lost and the "
+                    "step cannot be verified")
+        if self._step_rule:
+            self._check_items(path, metadata)
+        return metadata
+
+    def check_items(self) -> None:
+        """Check ``.metadata``'s records against the files (once; read it first). A step reader
+        (:meth:`for_step`) does this as it reads ``.metadata``, every reader before DCP plans a load."""
+        path = Path(self._get_metadata_path(None))
+        self._check_items(path, self.read_metadata())
+
+    def _check_items(self, path: Path, metadata: Any) -> None:
+        if self._items_checked:
+            return
+        try:
+            self._check_items_now(path, metadata)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{path} is corrupt: its records of stored items are malformed "
+                                         f"({type(e).__name__}: {e})") from None
+        self._items_checked = True
+
+    def _check_items_now(self, path: Path, metadata: Any) -> None:
+        """Each item within its file (a regular file in the step), each tensor's shape backed by stored bytes."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        storage = metadata.storage_data
+        if not isinstance(storage, dict):
+            raise CorruptCheckpointError(f"{path} is corrupt: its storage records are a {type(storage).__name__}")
+        sizes: dict[str, int] = {}
+        stored: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+        for index, info in storage.items():
+            name, offset, length = info.relative_path, info.offset, info.length
+            size = sizes.get(name)
+            if size is None:
+                size = sizes[name] = self._data_file_size(path, name)
+            if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or \
+                    offset + length > size:
+                raise CorruptCheckpointError(
+                    f"{self._file(name)} is corrupt: {path.name} places {index.fqn!r} at bytes "
+                    f"[{offset}, {offset + length if type(offset) is type(length) is int else '?'}) but the file "
+                    f"has {size}")
+            if name in self.files:
+                self._check_read_span(name, index.fqn, offset, length)
+            stored[(index.fqn, None if index.offset is None else tuple(index.offset))] = info
+        for fqn, meta in metadata.state_dict_metadata.items():
+            if isinstance(meta, TensorStorageMetadata):
+                self._check_tensor(path, fqn, meta, stored)
+            elif not isinstance(meta, BytesStorageMetadata):
+                raise CorruptCheckpointError(f"{path} is corrupt: {fqn!r} is a {type(meta).__name__}, neither a "
+                                             "tensor nor a stored value")
+
+    def _data_file_size(self, path: Path, name: Any) -> int:
+        if not isinstance(name, str):
+            raise CorruptCheckpointError(f"{path} is corrupt: it names a data file {name!r}, not a file name")
+        file = self._file(name)  # refuses absolute names, '..' and symlinks on the way
+        size = regular_size(file, "data file", CorruptCheckpointError)  # refuses a symlink, FIFO, device, folder
+        if size is None:
+            raise CorruptCheckpointError(f"{file} is missing ({path.name} places items in it)")
+        if self.verified and name not in self.files:
+            raise CorruptCheckpointError(f"{file} is not listed in {MANIFEST}, so its bytes have no checksums: "
+                                         "the step was altered after it was saved")
+        return size
+
+    def _check_read_span(self, name: str, fqn: str, offset: int, length: int) -> None:
+        """Reading an item reads its covering segments: at most two blocks more than the item itself."""
+        if length == 0:
+            return
+        lo, hi = self._covering(name, offset, offset + length)
+        if hi - lo > length + 2 * BLOCK:
+            raise CorruptCheckpointError(
+                f"{self._file(name)} is corrupt: {MANIFEST}'s segments for it do not line up with the items "
+                f".metadata places in it (reading {fqn!r}, {length} bytes, would read {hi - lo})")
+
+    def _covering(self, name: str, start: int, end: int) -> tuple[int, int]:
+        """[lo, hi): the segments of ``name`` that cover bytes [start, end) (segments tile the file)."""
+        starts = self._starts[name]
+        segments = self.files[name]["segments"]
+        first = bisect.bisect_right(starts, start) - 1
+        last = bisect.bisect_left(starts, end) - 1
+        return segments[first][0], segments[last][1]
+
+    @staticmethod
+    def _check_tensor(path: Path, fqn: str, meta: Any, stored: dict) -> None:
+        """The shape, each chunk's place in it and each chunk's bytes agree: no shape outgrows the bytes stored."""
+        import torch
+
+        shape = tuple(meta.size)
+        dtype = meta.properties.dtype
+        if not isinstance(dtype, torch.dtype) or any(type(d) is not int or d < 0 for d in shape):
+            raise CorruptCheckpointError(f"{path} is corrupt: tensor {fqn!r} has shape {list(shape)} and dtype "
+                                         f"{dtype!r}")
+        held = 0
+        for chunk in meta.chunks:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+                    any(type(o) is not int or type(n) is not int or o < 0 or n < 0 or o + n > d
+                        for o, n, d in zip(offsets, sizes, shape)):
+                raise CorruptCheckpointError(f"{path} is corrupt: tensor {fqn!r} of shape {list(shape)} has a chunk "
+                                             f"of shape {list(sizes)} at {list(offsets)}, outside it")
+            info = stored.get((fqn, offsets))
+            if info is None:
+                raise CorruptCheckpointError(f"{path} is corrupt: no stored bytes for the chunk at {list(offsets)} "
+                                             f"of tensor {fqn!r}")
+            elements = math.prod(sizes)
+            if not info.transform_descriptors and elements * dtype.itemsize > info.length:
+                raise CorruptCheckpointError(
+                    f"{path} is corrupt: tensor {fqn!r} has shape {list(shape)}, but the chunk of shape "
+                    f"{list(sizes)} at {list(offsets)} would need {elements * dtype.itemsize:,} bytes and "
+                    f"{info.length:,} are stored")
+            held += elements
+        if math.prod(shape) > held:
+            raise CorruptCheckpointError(f"{path} is corrupt: tensor {fqn!r} has shape {list(shape)} "
+                                         f"({math.prod(shape):,} elements) but its chunks hold {held:,}")
+
     def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self.check_sizes()
+        self._check_items(Path(self._get_metadata_path(self.rank)), metadata)
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        try:
+            return super().read_data(plan, planner)
+        finally:
+            self._cached = None
 
     def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
-        entry = self.files.get(sinfo.relative_path)
+        name = sinfo.relative_path
+        entry = self.files.get(name)
         if entry is None:
+            if self.verified:  # _check_items refused such a .metadata already; never read unchecked bytes
+                raise CorruptCheckpointError(f"{self._file(name)} is not listed in {MANIFEST}")
             return super()._slice_file(file, sinfo)
         start, end = sinfo.offset, sinfo.offset + sinfo.length
-        covering = [s for s in entry["segments"] if s[0] < end and s[1] > start]
-        lo = min((s[0] for s in covering), default=start)
-        hi = max((s[1] for s in covering), default=end)
-        file.seek(lo)
-        data = file.read(hi - lo)
-        path = Path(self.path) / sinfo.relative_path
-        if len(data) < hi - lo:
-            raise CorruptCheckpointError(f"{path} is corrupt: truncated at byte {lo + len(data)}")
-        _check_bytes(path, {"segments": covering}, lo, data)
-        return io.BytesIO(memoryview(data)[start - lo:end - lo])
+        if start == end:
+            return io.BytesIO(b"")
+        lo, hi = self._covering(name, start, end)
+        cached = self._cached
+        if cached is not None and cached[0] == name and cached[1] <= lo and hi <= cached[2]:
+            base, data = cached[1], cached[3]  # coarse segments: the range was read and checked for an item before
+        else:
+            file.seek(lo)
+            data = file.read(hi - lo)
+            path = Path(self.path) / name
+            if len(data) < hi - lo:
+                raise CorruptCheckpointError(f"{path} is corrupt: truncated at byte {lo + len(data)}")
+            first = bisect.bisect_right(self._starts[name], start) - 1
+            last = bisect.bisect_left(self._starts[name], end)
+            _check_bytes(path, entry["segments"][first:last], lo, data)
+            base = lo
+            # Segments as the writer cuts them are the items themselves; keep a coarser range for the next item.
+            self._cached = (name, lo, hi, data) if hi - lo > end - start else None
+        return io.BytesIO(memoryview(data)[start - base:end - base])
 
 
-def _check_bytes(path: Path, entry: dict[str, Any], base: int, data: bytes) -> None:
-    """Check the segments of ``entry`` that lie within ``data`` (which starts at file offset ``base``)."""
+def _check_bytes(path: Path, segments: list[list[Any]], base: int, data: bytes) -> None:
+    """Check ``segments`` (all within ``data``, which starts at file offset ``base``)."""
     view = memoryview(data)
-    for seg_start, seg_end, digest in entry["segments"]:
-        if seg_start < base or seg_end > base + len(data):
-            continue
+    for seg_start, seg_end, digest in segments:
         if _hexdigest(view[seg_start - base:seg_end - base]) != digest:
             raise CorruptCheckpointError(
                 f"{path} is corrupt: bytes [{seg_start}, {seg_end}) do not match the checksum written with them"
@@ -401,8 +806,10 @@ class Report:
 def verify_step(step_dir: str | os.PathLike) -> Report:
     """Check every file of a step folder against its manifest, then that ``.metadata`` loads safely.
 
-    A step without checksums (TorchTitan, older savepoint) gets the structural check only: its
-    metadata unpickles safely and every item it lists lies within an existing file.
+    Which steps must have checksums is :func:`step_checksums`' rule, as for loading. A step
+    without them (TorchTitan's) gets the structural check only: its metadata unpickles safely,
+    every item it lists lies within a regular file of the step, and every tensor's shape is backed
+    by the bytes stored for it.
     """
     step_dir = Path(step_dir)
     report = Report(step_dir)
@@ -410,80 +817,70 @@ def verify_step(step_dir: str | os.PathLike) -> Report:
         report.fail(f"{step_dir} is not a folder")
         return report
     try:
-        manifest = read_manifest(step_dir)
-    except CorruptCheckpointError as e:
+        reader = VerifyingReader.for_step(step_dir)
+    except CheckpointError as e:
         report.fail(str(e))
-        manifest = None
-    checksums = (manifest or {}).get("checksums")
-    files = (checksums or {}).get("files", {})
-    if report.ok and not files:
-        is_dcp = (step_dir / ".metadata").is_file()
-        report.notes.append("no checksums in this step (written by TorchTitan or an older savepoint): "
-                            "checked its structure only" if is_dcp or manifest is None else
-                            "no checksums in this step's manifest: checked its structure only")
+        return report
+    files = reader.files
+    if not reader.verified:
+        report.notes.append("no checksums in this step (written by TorchTitan; no step beside it has a "
+                            f"{MANIFEST}): checked its structure only")
     for name, entry in sorted(files.items(), key=lambda kv: (kv[0] != ".metadata", kv[0])):
-        _verify_file(step_dir / name, entry, report)
+        _verify_file(step_dir, name, entry, report)
     listed = set(files) | {MANIFEST}
     for path in sorted(step_dir.iterdir()):
-        if files and path.name not in listed:
+        if reader.verified and path.name not in listed:
             report.notes.append(f"{path.name} is not listed in {MANIFEST} (added after the save?)")
     if report.ok:
-        report.verified = bool(files)
-        if (step_dir / ".metadata").is_file():
-            _check_structure(step_dir, report)
+        report.verified = reader.verified
+        if os.path.lexists(step_dir / ".metadata"):
+            try:
+                reader.read_metadata()
+            except CheckpointError as e:
+                report.fail(str(e))
         elif not files and not (step_dir / "model.safetensors.index.json").is_file():
             report.fail(f"{step_dir} holds neither DCP .metadata nor a Hugging Face index: not a checkpoint step")
     return report
 
 
-def _verify_file(path: Path, entry: dict[str, Any], report: Report) -> None:
-    if not path.is_file():
-        report.fail(f"{path} is missing (listed in {MANIFEST})")
-        return
-    size = path.stat().st_size
-    if size != entry["size"]:
-        where = f"truncated at byte {size}" if size < entry["size"] else f"bytes added after byte {entry['size']}"
-        report.fail(f"{path} is corrupt: {size} bytes, {entry['size']} were written ({where})")
-        return
-    with open(path, "rb") as f:
-        for seg_start, seg_end, digest in entry["segments"]:
-            f.seek(seg_start)
-            data = f.read(seg_end - seg_start)
-            report.checked_bytes += len(data)
-            if _hexdigest(data) != digest:
-                report.fail(f"{path} is corrupt: bytes [{seg_start}, {seg_end}) do not match their checksum")
-                return
-
-
-def _check_structure(step_dir: Path, report: Report) -> None:
+def _verify_file(step_dir: Path, name: str, entry: dict[str, Any], report: Report) -> None:
     try:
-        metadata = VerifyingReader(step_dir).read_metadata()
+        path = inside(step_dir, name, "file", CorruptCheckpointError)
+        size = regular_size(path, "checkpoint file", CorruptCheckpointError)
+        if size is None:
+            report.fail(f"{path} is missing (listed in {MANIFEST})")
+            return
+        if size != entry["size"]:
+            where = f"truncated at byte {size}" if size < entry["size"] else f"bytes added after byte {entry['size']}"
+            report.fail(f"{path} is corrupt: {size} bytes, {entry['size']} were written ({where})")
+            return
+        with open_regular(path, "checkpoint file", CorruptCheckpointError) as f:
+            buffer = bytearray(min(BLOCK, size))
+            view = memoryview(buffer)
+            for seg_start, seg_end, digest in entry["segments"]:  # they tile the file: read in order, once
+                hasher = xxhash.xxh3_128()
+                left = seg_end - seg_start
+                while left:
+                    got = f.readinto(view[:min(left, len(buffer))])
+                    if not got:
+                        report.fail(f"{path} is corrupt: truncated at byte {seg_end - left}")
+                        return
+                    hasher.update(view[:got])
+                    left -= got
+                report.checked_bytes += seg_end - seg_start
+                if hasher.hexdigest() != digest:
+                    report.fail(f"{path} is corrupt: bytes [{seg_start}, {seg_end}) do not match their checksum")
+                    return
     except CheckpointError as e:
         report.fail(str(e))
-        return
-    sizes: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        name = info.relative_path
-        if name not in sizes:
-            path = step_dir / name
-            sizes[name] = path.stat().st_size if path.is_file() else -1
-        if sizes[name] < 0:
-            report.fail(f"{step_dir / name} is missing (named in .metadata)")
-            return
-        if info.offset + info.length > sizes[name]:
-            report.fail(f"{step_dir / name} is corrupt: .metadata places an item at bytes "
-                        f"[{info.offset}, {info.offset + info.length}) but the file has {sizes[name]}")
-            return
 
 
 def step_dirs(path: str | os.PathLike) -> list[Path]:
     """The step folders under a checkpoint folder (committed names only), or ``[path]`` for a step folder."""
-    from savepoint.checkpoint.storage import STEP_DIR_RE
-
     path = Path(path)
-    if (path / MANIFEST).is_file() or (path / ".metadata").is_file() or STEP_DIR_RE.match(path.name):
+    if os.path.lexists(path / MANIFEST) or os.path.lexists(path / ".metadata") or _STEP_RE.match(path.name):
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; give a checkpoint folder or one of its step-N folders")
-    steps = [(int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()]
+    steps = [(int(p.name[5:]), p) for p in path.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(steps)]

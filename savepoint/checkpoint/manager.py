@@ -521,9 +521,11 @@ class CheckpointManager:
         error: BaseException | None = None
         reader, saved = None, None
         try:
-            reader = VerifyingReader.for_step(path)  # checks manifest.json's own checksum
-            saved = reader.read_metadata()  # checks .metadata's checksum, then unpickles it safely
-            reader.check_sizes()  # truncation shows before any byte is read
+            # The manifest (bounded, self-checked, schema-checked) and integrity.step_checksums' rule for
+            # steps without checksums; then .metadata: its checksum, a safe unpickle, every item within
+            # a regular file of the step and every shape backed by stored bytes, before any byte is read.
+            reader = VerifyingReader.for_step(path, require_checksums=self.cfg.require_checksums)
+            saved = reader.read_metadata()
         except CheckpointError as e:
             error = e
         except OSError as e:
@@ -535,8 +537,8 @@ class CheckpointManager:
             raise _as_checkpoint_error(failure, path)
         assert reader is not None
         if not reader.verified:
-            logger.warning("%s has no checksums (written by TorchTitan or an older savepoint): loading it "
-                           "unverified", path)
+            logger.warning("%s has no checksums (written by TorchTitan: no step beside it has a manifest.json): "
+                           "loading it unverified; --checkpoint.require_checksums makes this an error", path)
         return reader, saved
 
     def _load_from(self, path: Path, model_only: bool, source_step: int | None) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,16 @@ def write_bytes_durably(path: Path, data: bytes) -> None:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the regular files under ``path``, not following symlinks (a step's link is not its data)."""
+    if os.path.islink(path):
+        return 0
+    total = 0
+    for folder, _, names in os.walk(path):  # does not descend into symlinked folders
+        for name in names:
+            st = os.lstat(os.path.join(folder, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 def disk_full_hint(error_number: int | None, root: Path, keep_latest_k: int) -> str:
@@ -132,7 +142,12 @@ class CheckpointFolder:
 
     @staticmethod
     def is_committed(step_dir: Path) -> bool:
-        return (step_dir / DCP_MARKER).is_file() or (step_dir / HF_MARKER).is_file()
+        """Something is at the DCP or HF marker's name: whether it is sound is for loading to check.
+
+        A marker that is a FIFO, symlink or folder still makes a committed step, so that loading it
+        reports the damage (and auto-resume falls back) instead of skipping the step unannounced.
+        """
+        return os.path.lexists(step_dir / DCP_MARKER) or os.path.lexists(step_dir / HF_MARKER)
 
     def is_hf(self, step: int) -> bool:
         """A committed Hugging Face export (safetensors index, no DCP metadata)."""
@@ -144,10 +159,14 @@ class CheckpointFolder:
         return steps[-1] if steps else None
 
     def read_manifest(self, step: int) -> dict[str, Any] | None:
-        path = self.step_dir(step) / MANIFEST
-        if not path.is_file():
-            return None  # e.g. written by TorchTitan
-        return json.loads(path.read_text(encoding="utf-8"))
+        """The step's manifest, checked (``integrity.read_manifest``); None without one (e.g. TorchTitan's).
+
+        Raises:
+            CorruptCheckpointError: something is at ``manifest.json`` but it is not a sound manifest.
+        """
+        from savepoint.checkpoint.integrity import read_manifest
+
+        return read_manifest(self.step_dir(step))
 
     # ---- the commit protocol -----------------------------------------------------------------
 
