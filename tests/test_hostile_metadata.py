@@ -245,6 +245,13 @@ def test_every_command_refuses_hostile_metadata(kind, sealed, dump, tmp_path, ca
     assert marker.exists()
 
 
+def test_refused_name_is_shown_on_one_line():
+    forged = pickle.PROTO + b"\x04" + _global("os\n\x1b[2J", "system") + pickle.STOP
+    with pytest.raises(UnsafeCheckpointError) as err:
+        safe_unpickle(forged, "x/.metadata")
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value) and "asks to load 'os\\n" in str(err.value)
+
+
 def test_no_other_unpickling_of_checkpoint_files():
     """``.metadata`` is read only through VerifyingReader (the restricted unpickler): no stock reader anywhere."""
     tracked = subprocess.run(["git", "ls-files", "savepoint", "scripts", "benchmarks"], cwd=ROOT,

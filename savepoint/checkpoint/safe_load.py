@@ -135,7 +135,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         try:
             return self.tables.by_name[(module, name)]
         except (KeyError, TypeError):
-            raise self._refuse(f"load {module}.{name}") from None
+            named = f"{module}.{name}"  # a crafted name may hold newlines or terminal escapes: one line, inert
+            raise self._refuse(f"load {named if named.isprintable() else ascii(named)}") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise self._refuse("follow a persistent reference")
