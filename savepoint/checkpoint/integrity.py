@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from savepoint.checkpoint.safe_load import safe_unpickle
+from savepoint.checkpoint.safe_load import safe_unpickle, stored_value_error
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 from savepoint.safe_io import inside, open_regular, read_regular, regular_size
 
@@ -73,7 +74,6 @@ class _HashingStream(io.RawIOBase):
         # The first write error (ENOSPC, EFBIG, EIO...): torch's zip writer replaces it with its own
         # "unexpected pos" RuntimeError, so create_stream raises this one instead.
         self.error: OSError | None = None
-
 
     def writable(self) -> bool:
         return True
@@ -742,10 +742,15 @@ class VerifyingReader(FileSystemReader):
     def read_data(self, plan: Any, planner: Any) -> Any:
         try:
             return super().read_data(plan, planner)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a stored tensor's pickle
+            sinfo = getattr(self, "_reading", None)
+            fqn = next((index.fqn for index, info in self.storage_data.items() if info is sinfo), "?")
+            raise stored_value_error(e, fqn, str(self._file(sinfo.relative_path)) if sinfo else None) from None
         finally:
             self._cached = None
 
     def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
+        self._reading = sinfo  # the item being read, for read_data's message
         name = sinfo.relative_path
         entry = self.files.get(name)
         if entry is None:
