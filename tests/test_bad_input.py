@@ -265,8 +265,56 @@ COMMIT_CASES: dict[str, Case] = {  # commit, lock, disk-full and launcher rows
                                                   "not a regular file", "remove it"]),
     "lock file is a FIFO": Case(lock_fifo, ["the lock file {dump}/checkpoint/.savepoint.lock is a FIFO",
                                             "not a regular file", "remove it"]),
+    # The async writer's niceness from the environment: checked when the writer is set up.
+    "SAVEPOINT_WRITER_NICE not a number": Case(
+        lambda dump, mp: (mp.setenv("SAVEPOINT_WRITER_NICE", "abc"), ["--checkpoint.async_mode", "async"])[1],
+        ["SAVEPOINT_WRITER_NICE='abc' in the environment", "a whole number from 0", "to 19", "unset it"]),
+    "SAVEPOINT_WRITER_NICE out of range": Case(
+        lambda dump, mp: (mp.setenv("SAVEPOINT_WRITER_NICE", "-5"),
+                          ["--checkpoint.async_mode", "async_with_pinned_mem"])[1],
+        ["SAVEPOINT_WRITER_NICE='-5' in the environment", "a whole number from 0"]),
 }
-LOADED_VALUE_CASES: dict[str, Case] = {}  # values a Stateful restores, config values
+def titan_step(path: str, value: object) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """step-10 rewritten without a manifest (as TorchTitan writes it) with one value changed, alone in
+    ``{dump}/titan`` so it loads unverified; the run resumes from that folder."""
+    def setup(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+        from tests.test_loaded_values import craft_step, set_value
+
+        craft_step(dump / "checkpoint/step-10", dump / "titan/step-10", set_value(path, value))
+        return ["--checkpoint.folder", "titan", "--training.steps", "12"]
+
+    return setup
+
+
+def metrics_symlink(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    (dump / "metrics.jsonl").unlink()
+    (dump / "metrics.jsonl").symlink_to(dump / "checkpoint/step-10/.metadata")  # appending would damage step-10
+    return []
+
+
+LOADED_VALUE_CASES: dict[str, Case] = {  # values a Stateful restores, config values
+    "negative train_state.step": Case(titan_step("train_state.step", -1_000_000_000),
+                                      ["{dump}/titan/step-10/__0_0.distcp", "train_state.step is -1000000000",
+                                       "an int >= 0", "nothing was restored"]),
+    "huge dataloader.sample_index": Case(titan_step("dataloader.sample_index", 10**30),
+                                         ["{dump}/titan/step-10/__0_0.distcp", "dataloader.sample_index",
+                                          "below 2**63"]),
+    "string lr_scheduler.last_epoch": Case(titan_step("lr_scheduler.last_epoch", "ten"),
+                                           ["{dump}/titan/step-10", "lr_scheduler.last_epoch is 'ten' (str)"]),
+    "AdamW beta1 5": Case(args("--optimizer.beta1", "5"), ["invalid configuration", "--optimizer.beta1", "[0, 1)"]),
+    "AdamW eps -1": Case(args("--optimizer.eps", "-1"), ["--optimizer.eps must be finite and > 0"]),
+    "seed past 64 bits": Case(args("--training.seed", str(10**23)), ["--training.seed must be between 0 and"]),
+    "huge seq_len": Case(args("--training.seq_len", "100000000"),
+                         ["--training.seq_len", "the longest context of --model.flavor debugmodel"]),
+    "config file /dev/zero": Case(nothing, ["invalid configuration", "/dev/zero is a character device"],
+                                  command=["check", "--job.config_file", "/dev/zero"]),
+    "dump folder in /proc": Case(args("--job.dump_folder", "/proc/savepoint-x"),
+                                 ["--job.dump_folder=/proc/savepoint-x: cannot create", "choose a folder"]),
+    "metrics.jsonl symlink": Case(metrics_symlink, ["{dump}/metrics.jsonl is a symbolic link", "remove it"]),
+    # Resumes at 10; step 11's lr of 3e29 blows the weights up, step 12's gradient norm is NaN: no step-12.
+    "non-finite loss": Case(args("--training.steps", "12", "--optimizer.lr", "1e30", "--training.max_norm", "0"),
+                            ["step 12: the gradient norm is nan", "saved nothing", "step-10"]),
+}
 HF_CASES: dict[str, Case] = {}  # Hugging Face folders and exports
 
 for _table in (HOSTILE_READ_CASES, COMMIT_CASES, LOADED_VALUE_CASES, HF_CASES):
