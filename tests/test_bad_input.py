@@ -274,6 +274,8 @@ COMMIT_CASES: dict[str, Case] = {  # commit, lock, disk-full and launcher rows
                           ["--checkpoint.async_mode", "async_with_pinned_mem"])[1],
         ["SAVEPOINT_WRITER_NICE='-5' in the environment", "a whole number from 0"]),
 }
+
+
 def titan_step(path: str, value: object) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
     """step-10 rewritten without a manifest (as TorchTitan writes it) with one value changed, alone in
     ``{dump}/titan`` so it loads unverified; the run resumes from that folder."""
