@@ -70,6 +70,27 @@ def test_kill_trials_at_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_launcher_kill_trials(tmp_path):
+    """SIGKILL the launcher (torchrun, as ./run_train.sh runs it) or its process group at two ranks with
+    writer processes: within 2 s no process of the job is left, and the restart, started at once,
+    resumes from the newest committed step with bit-identical losses."""
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, str(HARNESS), "--trials", "3", "--seed", "0", "--mode", "async_with_pinned_mem",
+         "--world-size", "2", "--steps", "3", "--target", "launcher", "--workdir", str(tmp_path / "work"),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["trials"] == 3
+    assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
+    launcher = summary["launcher"]
+    assert launcher["kills"] >= 2 and launcher["survivors"] == 0, launcher  # a run may end before its kill
+    assert launcher["restarts"] == {"ok": 3}, launcher
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_folder_reading_and_phases(tmp_path):
     kt = _harness()
     root = tmp_path / "checkpoint"

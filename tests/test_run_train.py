@@ -33,7 +33,7 @@ def config_with(tmp_path: Path, name: str, checkpoint_block: str) -> Path:
     return path
 
 
-def run_train(config: Path | None, *args: str, dump: Path, ngpu: int = 1) -> subprocess.CompletedProcess:
+def run_train(config: Path | None, *args: str, dump: Path, ngpu: int | str = 1) -> subprocess.CompletedProcess:
     # One torch thread per process: on a busy 2-core machine, spinning OpenMP threads slowed a
     # 16-token step from milliseconds to a second.
     env = {"OMP_NUM_THREADS": "1", **os.environ, "SAVEPOINT_PYTHON": sys.executable, "NGPU": str(ngpu)}
@@ -100,6 +100,16 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
     assert missing.returncode != 0
     assert "--checkpoint.load_step=7: no committed step-7" in missing.stderr + missing.stdout
     assert "Traceback" not in missing.stderr
+
+
+def test_bad_ngpu_is_one_line(tmp_path):
+    for ngpu in ("0", "-1", "abc", "2x"):
+        proc = run_train(None, "--training.steps", "1", dump=tmp_path, ngpu=ngpu)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: NGPU={ngpu}: give the number of training processes per node (one per GPU; 1 or more), "
+            "e.g. NGPU=2 ./run_train.sh, or leave NGPU unset for 1"], proc.stderr
+        assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 
 def test_help_lists_every_option(tmp_path):
