@@ -238,9 +238,12 @@ class LRSchedulerState(Stateful):
                 for i, lr in enumerate(value):
                     check_real(f"{key}[{i}]", lr, 0.0)
             elif key == "lr_lambdas":
-                # None per plain function (ours); a dict would be copied into the function's attributes.
-                if not isinstance(value, list) or len(value) != groups or any(v is not None for v in value):
-                    raise LoadedValueError(key, value, f"a list of {groups} None (the schedule comes from the config)")
+                # None per plain function (ours), {} per functools.partial (TorchTitan's); anything in a
+                # dict would be copied into the schedule function's attributes.
+                plain = isinstance(value, list) and all(v is None or (isinstance(v, dict) and not v) for v in value)
+                if not plain or len(value) != groups:
+                    raise LoadedValueError(key, value, f"a list of {groups} None or {{}} (the schedule comes from "
+                                           "the config)")
             else:
                 check_type(key, value, ours[key])
 

@@ -42,7 +42,7 @@ class Training:
     """Samples per data-parallel rank per step."""
 
     seq_len: int = 2048
-    """Tokens per sample."""
+    """Tokens per sample; at most the flavor's context (debugmodel 2048, 8B/70B/405B 131072)."""
 
     max_norm: float = 1.0
     """Gradient clipping: maximum total L2 norm of the gradients. 0 disables clipping."""
@@ -51,7 +51,7 @@ class Training:
     """Number of training steps; the job ends after this step."""
 
     seed: int = 0
-    """Seed for weight init and data order. Same seed, same run."""
+    """Seed for weight init and data order, 0 to 2**32 - 1. Same seed, same run."""
 
     deterministic: bool = False
     """Use deterministic torch algorithms (slower on GPU; CPU is deterministic already)."""
@@ -72,16 +72,16 @@ class Optimizer:
     """Peak learning rate."""
 
     beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1, in [0, 1)."""
 
     beta2: float = 0.95
-    """AdamW beta2."""
+    """AdamW beta2, in [0, 1)."""
 
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon, > 0."""
 
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay, >= 0."""
 
     implementation: str = "foreach"
     """AdamW kernel: 'for-loop', 'foreach' or 'fused'."""
