@@ -317,7 +317,45 @@ LOADED_VALUE_CASES: dict[str, Case] = {  # values a Stateful restores, config va
     "non-finite loss": Case(args("--training.steps", "12", "--optimizer.lr", "1e30", "--training.max_norm", "0"),
                             ["step 12: the gradient norm is nan", "saved nothing", "step-10"]),
 }
-HF_CASES: dict[str, Case] = {}  # Hugging Face folders and exports
+def _hf_copy(dump: Path, damage: Callable[[Path], None]) -> list[str]:
+    """Export step-10 as an HF folder ``{dump}/hf``, damage it, and start a new run from it."""
+    from savepoint.hf.convert import convert_to_hf
+
+    convert_to_hf(dump / "checkpoint/step-10", dump / "hf", "debugmodel", progress=False)
+    damage(dump / "hf")
+    return ["--checkpoint.folder", "fresh", "--checkpoint.initial_load_in_hf",
+            "--checkpoint.initial_load_path", str(dump / "hf")]
+
+
+def _nan_norm(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def _linked_tokenizer(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    (dump / "assets").mkdir()
+    (dump / "assets/tokenizer.json").symlink_to("/proc/self/environ")
+    return []
+
+
+HF_CASES: dict[str, Case] = {  # Hugging Face folders and exports
+    "HF export, other --model_flavor than recorded": Case(
+        nothing, ["--model_flavor 8B does not match {dump}/checkpoint/step-10", "--model.flavor debugmodel",
+                  "drop --model_flavor"],
+        command=["convert", "to_hf", "{dump}/checkpoint/step-10", "{dump}/out", "--model_flavor", "8B"]),
+    "HF export, symlinked tokenizer file": Case(
+        _linked_tokenizer, ["--hf_assets_path: {dump}/assets/tokenizer.json is a symbolic link", "cp -L"],
+        command=["convert", "to_hf", "{dump}/checkpoint/step-10", "{dump}/out", "--hf_assets_path", "{dump}/assets"]),
+    "HF initial load, config.json not JSON": Case(
+        lambda dump, mp: _hf_copy(dump, lambda hf: (hf / "config.json").write_text("{not json")),
+        ["{dump}/hf/config.json", "not JSON"]),
+    "HF initial load, NaN weight": Case(
+        lambda dump, mp: _hf_copy(dump, _nan_norm),
+        ["{dump}/hf/model.safetensors", "'model.norm.weight' holds 1 non-finite values", "Re-download"]),
+}
 
 for _table in (HOSTILE_READ_CASES, COMMIT_CASES, LOADED_VALUE_CASES, HF_CASES):
     CASES.update(_table)

@@ -342,7 +342,7 @@ def test_empty_folder_and_corrupt_header(tmp_path):
         convert_from_hf(tmp_path / "empty", tmp_path / "out", TINY)
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="model.safetensors is not a valid safetensors file: not JSON"):
         convert_from_hf(tmp_path / "corrupt", tmp_path / "out", TINY)
     with pytest.raises(CheckpointError, match="is not a folder"):
         convert_from_hf(tmp_path / "nowhere", tmp_path / "out", TINY)
@@ -406,7 +406,7 @@ def test_bad_dcp_inputs(tmp_path, flavors):
         convert_to_hf(tmp_path / "ckpt/step-3", tmp_path / "out", ModelArgs(**{**TINY.__dict__, "n_layers": 1}))
     with pytest.raises(CheckpointError, match="'layers.2.attention.wq.weight' is missing"):
         convert_to_hf(tmp_path / "ckpt/step-3", tmp_path / "out", ModelArgs(**{**TINY.__dict__, "n_layers": 3}))
-    with pytest.raises(CheckpointError, match="--hf_assets_path .* is not a folder"):
+    with pytest.raises(CheckpointError, match="--hf_assets_path=.* is not a folder"):
         convert_to_hf(tmp_path / "ckpt/step-3", tmp_path / "out", TINY, hf_assets_path=tmp_path / "nope")
     with pytest.raises(ConfigError, match="'13B' is not a Llama 3 flavor"):
         convert_to_hf(tmp_path / "ckpt/step-3", tmp_path / "out", "13B")
@@ -540,3 +540,61 @@ def test_progress_is_one_updating_line():
     bar.update(5)
     bar.close()
     assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue()
+
+
+# ---- exports: what transformers sees, tokenizer assets, the recorded flavor -------------------------
+
+
+def load_in_transformers(folder: Path):
+    """(model, every warning transformers logged or raised while loading ``folder``)."""
+    import logging
+    import warnings
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    finally:
+        hf_logger.removeHandler(handler)
+    return model, [r.getMessage() for r in records] + [str(w.message) for w in caught]
+
+
+def test_export_without_assets_warns_and_loads_silently_in_transformers(train, tmp_path, caplog):
+    trainer = train(stop_after=5)
+    step = tmp_path / "run" / "checkpoint" / "step-5"
+    caplog.clear()
+    convert_to_hf(step, tmp_path / "hf", progress=False)  # the flavor comes from the step's manifest
+    assert "--hf_assets_path is not set: the Hugging Face export will have no tokenizer files" in caplog.text
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] > config["rope_scaling"]["original_max_position_embeddings"]
+    hf, warned = load_in_transformers(tmp_path / "hf")
+    assert warned == []
+    tokens = torch.randint(0, DEBUG.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - trainer.model.eval()(tokens)).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_export_with_an_empty_assets_folder_warns(tmp_path, caplog):
+    save_dcp({k: torch.randn(v.shape) for k, v in Transformer(TINY).state_dict().items()}, tmp_path / "step-1")
+    (tmp_path / "assets").mkdir()
+    convert_to_hf(tmp_path / "step-1", tmp_path / "hf", TINY, hf_assets_path=tmp_path / "assets", progress=False)
+    assert f"--hf_assets_path={tmp_path / 'assets'} holds no tokenizer files" in caplog.text
+
+
+def test_to_hf_takes_the_flavor_the_manifest_records(train, tmp_path, capsys):
+    train(stop_after=5)
+    step = tmp_path / "run" / "checkpoint" / "step-5"
+    assert main(["to_hf", str(step), str(tmp_path / "hf")]) == 0
+    assert "as Llama 3 debugmodel (as its manifest.json records" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == DEBUG.dim
+    assert main(["to_hf", str(step), str(tmp_path / "hf2"), "--model_flavor", "debugmodel"]) == 0
+    assert main(["to_hf", str(step), str(tmp_path / "hf3"), "--model_flavor", "8B"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "--model_flavor 8B does not match" in line and "--model.flavor debugmodel" in line
+    assert "drop --model_flavor" in line and not (tmp_path / "hf3").exists()

@@ -17,6 +17,7 @@ from savepoint.errors import CheckpointError
 from savepoint.hf.folder import HFFolder
 from savepoint.hf.llama3 import to_hf_key, to_hf_tensor
 from savepoint.models.llama3 import LLAMA3_FLAVORS
+from tests.test_hf_convert import load_in_transformers
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +43,7 @@ def test_final_save_in_hf_loads_in_transformers(train, tmp_path):
     (assets / "tokenizer.json").write_text("{}")
     (assets / "tokenizer_config.json").write_text("{}")
     (assets / "model.safetensors").write_text("not copied: weights never come from the assets folder")
+    (assets / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009]}))
     trainer = train(*HF_FINAL, "--model.hf_assets_path", str(assets))
     step6 = tmp_path / "run/checkpoint/step-6"
     assert sorted(p.name for p in step6.iterdir()) == [
@@ -61,6 +63,19 @@ def test_final_save_in_hf_loads_in_transformers(train, tmp_path):
     tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     diff = (hf_logits(step6, tokens) - our_logits(trainer.model, tokens)).abs().max().item()
     assert diff < 1e-5, diff
+    config = json.loads((step6 / "config.json").read_text())  # token ids from the assets' config.json
+    assert (config["bos_token_id"], config["eos_token_id"]) == (128000, [128001, 128009])
+    _, warned = load_in_transformers(step6)
+    assert warned == []  # e.g. no "original_max_position_embeddings ... must be less than max_position_embeddings"
+
+
+def test_final_save_in_hf_without_assets_warns_at_start(train, tmp_path, caplog):
+    train(*HF_FINAL, stop_after=0)
+    assert "--model.hf_assets_path is not set: the Hugging Face export will have no tokenizer files" in caplog.text
+    caplog.clear()
+    (tmp_path / "empty").mkdir()
+    train(*HF_FINAL, "--model.hf_assets_path", str(tmp_path / "empty"), dump=tmp_path / "run2", stop_after=0)
+    assert f"--model.hf_assets_path={tmp_path / 'empty'} holds no tokenizer files" in caplog.text
 
 
 def test_final_save_in_hf_bf16(train, tmp_path):

@@ -20,7 +20,7 @@ from savepoint.hf.torchtune import (
     to_torchtune_state_dict,
     torchtune_builder,
 )
-from savepoint.models.llama3 import ModelArgs, build_model
+from savepoint.models.llama3 import LLAMA3_FLAVORS, ModelArgs, build_model
 
 pytest.importorskip("torchtune")
 
@@ -28,6 +28,7 @@ pytest.importorskip("torchtune")
 # and a head_dim/theta for which Llama 3.1 scaling changes the low frequencies.
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64)
 TOLERANCE = 1e-5
+DEBUG = LLAMA3_FLAVORS["debugmodel"]
 
 
 def tiny_model(args: ModelArgs):
@@ -151,3 +152,53 @@ def test_convert_to_torchtune_command(tmp_path):
         assert (tune(tokens) - model(tokens)).abs().max().item() < 1e-5
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+
+def test_stock_torchtune_loads_a_model_only_step(train, tmp_path):
+    """The documented path, with nothing of savepoint's: dcp_to_torch, FullModelMetaCheckpointer, llama3_1."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torchtune.models.llama3_1 import llama3_1
+    from torchtune.training import FullModelMetaCheckpointer
+
+    trainer = train("--checkpoint.last_save_model_only", "--training.steps", "6")
+    step = tmp_path / "run" / "checkpoint" / "step-6"
+    assert not any(k.startswith("optimizer") for k in dcp.FileSystemReader(str(step)).read_metadata()
+                   .state_dict_metadata)
+
+    (tmp_path / "pt").mkdir()
+    dcp_to_torch_save(str(step), str(tmp_path / "pt" / "step-6.pt"))
+    checkpointer = FullModelMetaCheckpointer(checkpoint_dir=str(tmp_path / "pt"), checkpoint_files=["step-6.pt"],
+                                             model_type="LLAMA3", output_dir=str(tmp_path / "tune_out"))
+    state = checkpointer.load_checkpoint()["model"]
+    f = DEBUG
+    kwargs = dict(vocab_size=f.vocab_size, num_layers=f.n_layers, num_heads=f.n_heads, num_kv_heads=f.n_kv_heads,
+                  embed_dim=f.dim, max_seq_len=f.max_seq_len, rope_base=f.rope_theta,
+                  intermediate_dim=f.ffn_hidden_dim, norm_eps=f.norm_eps, scale_factor=f.rope_scaling_factor)
+    assert kwargs == {"vocab_size": 258, "num_layers": 6, "num_heads": 16, "num_kv_heads": 8, "embed_dim": 256,
+                      "max_seq_len": 2048, "rope_base": 500000.0, "intermediate_dim": 768, "norm_eps": 1e-05,
+                      "scale_factor": 8.0}  # the README's call, spelled out
+    assert torchtune_builder(f) == ("llama3_1", kwargs)
+    model = llama3_1(**kwargs)
+    model.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, f.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model.eval()(tokens) - trainer.model.eval()(tokens)).abs().max().item()
+    assert diff < 1e-6, diff
+
+
+def test_stock_torchtune_path_refuses_a_full_step(train, tmp_path):
+    """What ``convert to_torchtune`` adds: the model of a full training step (the stock checkpointer
+    stops at the optimizer's keys)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torchtune.training import FullModelMetaCheckpointer
+
+    train(stop_after=5)
+    step = tmp_path / "run" / "checkpoint" / "step-5"
+    (tmp_path / "pt").mkdir()
+    dcp_to_torch_save(str(step), str(tmp_path / "pt" / "step-5.pt"))
+    checkpointer = FullModelMetaCheckpointer(checkpoint_dir=str(tmp_path / "pt"), checkpoint_files=["step-5.pt"],
+                                             model_type="LLAMA3", output_dir=str(tmp_path / "tune_out"))
+    with pytest.raises(Exception, match='unexpected key: "(optimizer|lr_scheduler|dataloader|train_state)'):
+        checkpointer.load_checkpoint()
+    build_torchtune_model(DEBUG).load_state_dict(to_torchtune_state_dict(step, DEBUG), strict=True)

@@ -44,7 +44,7 @@ from savepoint.errors import (
     NotSupportedYet,
     UnsafeCheckpointError,
 )
-from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
+from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter, check_export_assets
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,10 @@ class CheckpointManager:
         reject_unsupported(cfg)
         self.hf_adapter = hf_adapter
         self.hf_assets_path = hf_assets_path
-        if cfg.enable and cfg.last_save_in_hf and hf_assets_path and not Path(hf_assets_path).is_dir():
-            raise CheckpointError(
-                f"--model.hf_assets_path={hf_assets_path} is not a folder, so the Hugging Face export at the end "
-                "(--checkpoint.last_save_in_hf) could not copy tokenizer files from it; fix the path or unset it"
-            )
+        # The final save's HF export copies tokenizer files: check them now, not after the whole run.
+        exports_hf = cfg.enable and not cfg.load_only and cfg.last_save_in_hf and cfg.last_save_model_only
+        self.hf_token_ids = check_export_assets(hf_assets_path, "--model.hf_assets_path") if exports_hf \
+            else (None, None)
         self.cfg = cfg
         self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
         self.model_state = ModelState(model)
@@ -337,7 +336,7 @@ class CheckpointManager:
         if writer is not None:
             try:
                 if error is None:
-                    writer.finish(self.hf_adapter.config(dtype), self.hf_assets_path)
+                    writer.finish(self.hf_adapter.config(dtype, *self.hf_token_ids), self.hf_assets_path)
             except Exception as e:
                 error = e
             finally:
@@ -497,13 +496,12 @@ class CheckpointManager:
         folder = SafetensorsReader(source)  # plain reads: nothing stays resident after each tensor
         where = f"--checkpoint.initial_load_path={source}" if self.cfg.initial_load_path else \
             f"--model.hf_assets_path={source}"
-        tied = bool(folder.config().get("tie_word_embeddings"))
-        sources = self.hf_adapter.hf_sources(folder.keys(), where, tied=tied)
-        self.hf_adapter.check_shapes({k: folder.shape(k) for k in folder.keys()}, sources, where)
+        sources = self.hf_adapter.plan_load(folder, where)  # the same check as convert_from_hf
         model = self.model_state.model
         for ours, hf in sources.items():
             param = model.get_parameter(ours)
-            copy_full_into(param, self.hf_adapter.from_hf(ours, folder.read(hf)).to(param.dtype))
+            tensor = self.hf_adapter.read_checked(folder, hf)  # NaN/inf refused, naming the tensor
+            copy_full_into(param, self.hf_adapter.from_hf(ours, tensor).to(param.dtype))
         logger.info("loaded Hugging Face weights from %s (model only): %s", source,
                     _rate(folder.total_bytes(), time.perf_counter() - start))
         return 0

@@ -45,7 +45,6 @@ import argparse
 import ctypes
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -65,7 +64,7 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from savepoint.checkpoint.integrity import VerifyingReader
+from savepoint.checkpoint.integrity import VerifyingReader, read_manifest
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.storage import fsync_dir
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
@@ -75,15 +74,17 @@ from savepoint.hf.folder import (
     SINGLE,
     SafetensorsReader,
     StreamingHFWriter,
+    check_export_assets,
     nbytes_of,
 )
-from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
+from savepoint.hf.llama3 import Llama3HFAdapter, check_hf_config, hf_config, to_hf_key
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("llama3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_FLAVOR = "8B"  # TorchTitan's scripts' default, for steps that record none
 KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
 # safetensors dtype names <-> torch dtypes.
 _DIST_WARNING = "torch.distributed is disabled"
@@ -277,58 +278,6 @@ def _quiet_dcp() -> Iterator[None]:
 
 
 
-def _rope(config: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings from an HF config, old (``rope_theta`` + ``rope_scaling``) or new (``rope_parameters``)."""
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
-    if "rope_theta" in config:
-        params.setdefault("rope_theta", config["rope_theta"])
-    return params
-
-
-def check_hf_config(config: dict[str, Any], args: ModelArgs, flavor: str, where: str) -> None:
-    """Compare an HF ``config.json`` with the flavor (the tensor shapes have been checked already).
-
-    Head counts cannot be seen in every shape (``q_proj`` is ``dim x dim`` whatever the head
-    count) but the q/k permutation depends on them: a mismatch is an error. RoPE and norm settings
-    do not change the weights: a mismatch is a warning (training uses the flavor's values).
-
-    Raises:
-        CheckpointError: the config's head counts or head size differ from the flavor's.
-    """
-    if not config:
-        return
-    heads = config.get("num_attention_heads")
-    found = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads", heads),
-             "head_dim": config.get("head_dim")}  # HF: kv heads default to the query heads
-    if found["head_dim"] is None and heads and "hidden_size" in config:
-        found["head_dim"] = config["hidden_size"] // heads
-    expected = {"num_attention_heads": args.n_heads, "num_key_value_heads": args.num_kv_heads,
-                "head_dim": args.head_dim}
-    for name, want in expected.items():
-        got = found[name]
-        if got is not None and got != want:
-            raise CheckpointError(f"{where}/config.json has {name}={got} but the Llama 3 {flavor} model has {want}; "
-                                  "q/k would be permuted with the wrong head count. Check --model_flavor")
-    rope = _rope(config)
-    ours = {"rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps}
-    theirs = {"rope_theta": rope.get("rope_theta"), "rms_norm_eps": config.get("rms_norm_eps")}
-    if args.use_scaled_rope:
-        ours.update(factor=args.rope_scaling_factor, low_freq_factor=args.rope_low_freq_factor,
-                    high_freq_factor=args.rope_high_freq_factor,
-                    original_max_position_embeddings=args.rope_original_max_pos)
-    theirs.update({k: rope.get(k) for k in ours if k not in theirs})
-    differ = [f"{k} {theirs[k]} (flavor: {ours[k]})" for k in ours
-              if theirs[k] is not None and not math.isclose(float(theirs[k]), float(ours[k]))]
-    scaled = rope.get("rope_type", rope.get("type")) == "llama3"
-    if rope and scaled != args.use_scaled_rope:
-        on_off = {True: "on", False: "off"}
-        differ.append(f"llama3 rope scaling {on_off[scaled]} (flavor: {on_off[args.use_scaled_rope]})")
-    if differ:
-        logger.warning("%s/config.json differs from the Llama 3 %s flavor in %s: the weights convert unchanged, "
-                       "but savepoint trains with the flavor's values", where, flavor, "; ".join(differ))
-
-
 class _FromHFPlanner(DefaultSavePlanner):
     """Resolves each (meta) tensor of the state dict by reading and converting it from the HF folder."""
 
@@ -394,20 +343,14 @@ def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | Model
     check_output(out_dir)
     folder = SafetensorsReader(in_dir)
     where = str(folder.path)
-    try:
-        config = folder.config()
-    except ValueError as e:
-        raise CheckpointError(f"{where}/config.json is not valid JSON ({e})") from e
-    sources = adapter.hf_sources(folder.keys(), where, tied=bool(config.get("tie_word_embeddings", False)))
-    adapter.check_shapes({key: folder.shape(key) for key in folder.keys()}, sources, where)
-    check_hf_config(config, args, name, where)
+    sources = adapter.plan_load(folder, where)  # the same check as --checkpoint.initial_load_in_hf
 
     dtypes = {ours: _target_dtype(folder.dtype(hf), target) for ours, hf in sources.items()}
     meta = {ours: torch.empty(adapter.shapes[ours], dtype=dtypes[ours], device="meta") for ours in sources}
     total = sum(nbytes_of(adapter.shapes[ours], dtypes[ours]) for ours in sources)
 
     def convert(ours: str) -> torch.Tensor:
-        raw = folder.read(sources[ours])
+        raw = adapter.read_checked(folder, sources[ours])
         if dtypes[ours].itemsize < raw.dtype.itemsize:  # cast first when it shrinks, permute first when it grows
             return adapter.from_hf(ours, _cast(raw, dtypes[ours]))
         return _cast(adapter.from_hf(ours, raw), dtypes[ours])
@@ -483,27 +426,60 @@ def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
         raise CheckpointError(f"{src}/.metadata is not readable DCP metadata ({type(e).__name__}: {e})") from e
 
 
-def _token_ids(assets: Path | None) -> tuple[Any, Any]:
-    """bos/eos token ids from the assets folder's config.json, when it has one."""
-    if assets is None or not (assets / "config.json").is_file():
-        return None, None
+def recorded_flavor(step_dir: Path) -> str | None:
+    """The ``--model.flavor`` a step's manifest records; None without a manifest (TorchTitan) or flavor.
+
+    Raises:
+        CorruptCheckpointError: the manifest is damaged.
+    """
+    manifest = read_manifest(step_dir) if step_dir.is_dir() else None
     try:
-        config = json.loads((assets / "config.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{assets}/config.json is not valid JSON ({e})") from e
-    return config.get("bos_token_id"), config.get("eos_token_id")
+        recorded = manifest["job_config"]["model"]["flavor"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
 
 
-def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs,
+def step_flavor(step_dir: str | Path, flavor: str | ModelArgs | None) -> str | ModelArgs:
+    """The flavor to convert ``step_dir`` with: ``flavor``, checked against the one its manifest records.
+
+    Without ``flavor``, the recorded one; with neither (a step written by TorchTitan has no
+    manifest), ``8B``, TorchTitan's default. A ``ModelArgs`` is taken as it is.
+
+    Raises:
+        CheckpointError: ``flavor`` differs from the recorded one, or the recorded one is unknown here,
+            or the manifest is corrupt.
+    """
+    if isinstance(flavor, ModelArgs):
+        return flavor
+    step_dir = Path(step_dir)
+    recorded = recorded_flavor(step_dir)
+    if recorded is None:
+        return flavor or DEFAULT_FLAVOR
+    if flavor is None:
+        if recorded not in LLAMA3_FLAVORS:
+            raise CheckpointError(f"{step_dir}/manifest.json records --model.flavor {recorded!r}, which is not a "
+                                  f"Llama 3 flavor here ({', '.join(LLAMA3_FLAVORS)}); pass --model_flavor")
+        return recorded
+    if flavor != recorded:
+        raise CheckpointError(f"--model_flavor {flavor} does not match {step_dir}, which was trained with "
+                              f"--model.flavor {recorded} (its manifest.json says so); drop --model_flavor to use "
+                              f"{recorded}, or point at a step of a {flavor} run")
+    return flavor
+
+
+def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs | None = None,
                   hf_assets_path: str | Path | None = None, export_dtype: str = "float32",
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
     """Convert a DCP step folder into a complete HF ``LlamaForCausalLM`` folder ``out_dir``.
 
     Args:
         in_dir: a ``step-N`` folder: full training or model-only, any world size, chunks and tiles.
-        flavor: a ``LLAMA3_FLAVORS`` name or ``ModelArgs``.
+        flavor: a ``LLAMA3_FLAVORS`` name or ``ModelArgs``; None: the one the step's manifest
+            records (``8B`` without a manifest). A name must match the recorded one.
         hf_assets_path: a folder whose tokenizer and generation files are copied (and whose
-            ``config.json``, if any, gives the bos/eos token ids).
+            ``config.json``, if any, gives the bos/eos token ids); regular files only, never
+            through a symlink. Without one the export has no tokenizer (a warning).
         export_dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
         max_shard_bytes: the most bytes per safetensors shard.
         progress: show progress on stderr.
@@ -513,10 +489,11 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
 
     Raises:
         CheckpointError: the input is not a DCP checkpoint of this flavor (naming the first bad
-            tensor), the assets folder is missing, or ``out_dir`` exists and is not empty.
+            tensor), ``flavor`` differs from the recorded one, the assets folder is missing or holds a
+            symlink, or ``out_dir`` exists and is not empty.
         ConfigError: an unknown flavor or dtype.
     """
-    name, args = resolve_flavor(flavor)
+    name, args = resolve_flavor(step_flavor(in_dir, flavor))
     dtype = _dtype(export_dtype, "--export_dtype")
     adapter = Llama3HFAdapter(args, name)
     check_output(out_dir)
@@ -526,10 +503,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
     saved = _read_dcp_metadata(src, reader)
     check_dcp_keys(adapter, saved, str(src))
     assets = None if hf_assets_path is None else Path(hf_assets_path)
-    if assets is not None and not assets.is_dir():
-        raise CheckpointError(f"--hf_assets_path {assets} is not a folder; point it at the HF model folder holding "
-                              "the tokenizer files, or leave it out")
-    bos, eos = _token_ids(assets)
+    bos, eos = check_export_assets(assets, "--hf_assets_path")  # warns when the export gets no tokenizer
 
     stored = {key: saved[key].properties.dtype for key in adapter.shapes}
     plan = [(to_hf_key(key), shape, _target_dtype(stored[key], dtype)) for key, shape in adapter.shapes.items()]
@@ -551,7 +525,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
                 bar.update(out.nbytes)
                 del out
                 release_memory()
-            writer.finish(hf_config(args, dtype, bos_token_id=bos, eos_token_id=eos), assets=assets)
+            writer.finish(hf_config(args, dtype, bos_token_id=bos, eos_token_id=eos), assets, "--hf_assets_path")
         finally:
             writer.close()
     bar.close()
@@ -596,7 +570,13 @@ def build_parser(direction: str, prog: str | None = None) -> argparse.ArgumentPa
         parser.add_argument("--hf_assets_path", default=None,
                             help="folder with tokenizer files to copy (e.g. the original HF model folder)")
     parser.add_argument("--model_name", default="llama3", choices=MODEL_NAMES)
-    parser.add_argument("--model_flavor", default="8B", help=f"one of {', '.join(LLAMA3_FLAVORS)} (default 8B)")
+    if direction == "from_hf":
+        parser.add_argument("--model_flavor", default=DEFAULT_FLAVOR,
+                            help=f"one of {', '.join(LLAMA3_FLAVORS)} (default {DEFAULT_FLAVOR})")
+    else:
+        parser.add_argument("--model_flavor", default=None,
+                            help=f"one of {', '.join(LLAMA3_FLAVORS)} (default: the flavor the step's manifest.json "
+                                 f"records; {DEFAULT_FLAVOR} for a step without one); must match the recorded one")
     if direction == "from_hf":
         parser.add_argument("--dtype", default="float32", choices=[*DTYPES, KEEP],
                             help="dtype of the DCP tensors (default float32, for training; keep: as stored in HF)")
@@ -625,7 +605,12 @@ def run(argv: list[str], prog: str | None = None) -> Path:
         if direction == "from_hf":
             out = convert_from_hf(ns.input_dir, ns.output_dir, ns.model_flavor, dtype=ns.dtype)
         else:
-            out = convert_to_hf(ns.input_dir, ns.output_dir, ns.model_flavor, hf_assets_path=ns.hf_assets_path,
+            flavor = step_flavor(ns.input_dir, ns.model_flavor)
+            if ns.model_flavor is None:
+                how = "as its manifest.json records" if recorded_flavor(Path(ns.input_dir)) else \
+                    "the default: the step has no manifest.json recording one"
+                print(f"converting {ns.input_dir} as Llama 3 {flavor} ({how}; --model_flavor overrides)")
+            out = convert_to_hf(ns.input_dir, ns.output_dir, flavor, hf_assets_path=ns.hf_assets_path,
                                 export_dtype=ns.export_dtype, max_shard_bytes=ns.max_shard_size)
     except CheckpointError as e:
         # The adapter's messages name the training flag; here the flag is --model_flavor.

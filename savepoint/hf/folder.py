@@ -9,24 +9,34 @@ of tensors in memory.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import stat
 import struct
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from savepoint.errors import CheckpointError
+from savepoint.safe_io import describe_mode, inside, open_regular, read_regular, regular_size
+
+logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Files copied from --model.hf_assets_path into an exported folder, besides the weights.
 ASSET_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.tiktoken")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+# Read bounds: a real config.json is a few kB, a 405B index ~100 kB; safetensors itself caps headers at 100 MB.
+CONFIG_LIMIT = 4 * 1024**2
+INDEX_LIMIT = 64 * 1024**2
+HEADER_LIMIT = 100_000_000
+ASSET_LIMIT = 1024**3  # a tokenizer file is at most a few tens of MB
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -38,9 +48,15 @@ ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 class HFFolder:
     """The tensors of an HF safetensors folder, by HF key, read lazily.
 
+    The folder is untrusted: every file it names must be a regular file inside it (no absolute
+    names, ``..`` or symlinks, which could point at any file on the machine; no FIFO, which would
+    block forever), and the JSON files and safetensors headers are read within a size bound and
+    checked field by field, so a damaged folder gives one error naming the file instead of a
+    traceback or an endless wait.
+
     Raises:
         CheckpointError: the path is not a folder, holds no safetensors, an index names a missing
-            file, or a file's header is corrupt (each names the file).
+            or outside file, or a file's header is corrupt (each names the file).
     """
 
     def __init__(self, path: str | Path):
@@ -48,35 +64,60 @@ class HFFolder:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path} is not a folder; point at a Hugging Face model folder "
                                   f"(holding {SINGLE} or {INDEX})")
-        files = self._files()
         self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # key -> (file, shape, dtype)
-        for file in files:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        piece = f.get_slice(key)
-                        self.entries[key] = (file, tuple(piece.get_shape()), piece.get_dtype())
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
-                                      "re-download or re-export it") from e
+        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
+        for file in self._files():
+            start, header = self._header(file)
+            for key, info in header.items():
+                if key in self.entries:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} is stored twice, in "
+                                          f"{self.entries[key][0].name} and {file.name}; re-download or re-export it")
+                self.entries[key] = (file, tuple(info["shape"]), info["dtype"])
         self._open: dict[Path, object] = {}
 
     def _files(self) -> list[Path]:
         index = self.path / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
-            files = sorted({self.path / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
+        if os.path.lexists(index):
+            weight_map = read_json(index, INDEX_LIMIT, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} is not a valid safetensors index: it needs a \"weight_map\" object "
+                                      "from tensor names to file names; re-download or re-export it")
+            files = sorted({hf_file(self.path, name, f"file named by {INDEX}") for name in weight_map.values()})
+            missing = [f.name for f in files if not os.path.lexists(f)]
             if missing:
                 raise CheckpointError(f"{index} names files that are not in {self.path}: {missing[:3]}")
             return files
-        files = sorted(self.path.glob("*.safetensors"))
+        files = [hf_file(self.path, p.name, "weight file") for p in sorted(self.path.glob("*.safetensors"))]
         if not files:
             raise CheckpointError(f"{self.path} holds no *.safetensors files: it is not a Hugging Face model folder")
         return files
+
+    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
+        """(data start, {key: {dtype, shape, data_offsets}}) of a safetensors file, checked against its size."""
+        if file in self._layout:
+            return self._layout[file]
+        bad = f"{file} is not a readable safetensors file"
+        try:
+            with open_regular(file, "safetensors file") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{bad} ({size} bytes, shorter than its header); re-download or re-export it")
+                (length,) = struct.unpack("<Q", prefix)
+                if length > min(HEADER_LIMIT, size - 8):
+                    raise CheckpointError(f"{bad} (its header claims {length:,} bytes, the file has {size:,}); "
+                                          "re-download or re-export it")
+                header = _parse_json(f.read(length), file, "safetensors file")
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing; re-download or re-export the folder") from None
+        header.pop("__metadata__", None)
+        data = size - 8 - length
+        for key, info in header.items():
+            problem = _entry_problem(info, data)
+            if problem:
+                raise CheckpointError(f"{bad}: tensor {key!r} {problem}; re-download or re-export it")
+        self._layout[file] = (8 + length, header)
+        return self._layout[file]
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -84,19 +125,88 @@ class HFFolder:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
+    def dtype(self, key: str) -> torch.dtype:
+        file, _, name = self.entries[key]
+        if name not in ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {name}, which savepoint cannot convert")
+        return ST_DTYPES[name]
+
     def read(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read from disk now."""
+        """The tensor ``key``, read from disk now (through the safetensors mmap)."""
         file = self.entries[key][0]
         if file not in self._open:
+            regular_size(file, "safetensors file")  # no symlink or FIFO swapped in since the header was read
             self._open[file] = safe_open(str(file), framework="pt")
         return self._open[file].get_tensor(key)  # type: ignore[attr-defined]
 
     def config(self) -> dict:
+        """``config.json`` as a dict ({} when there is none).
+
+        Raises:
+            CheckpointError: it is not a regular file, too big, not JSON or not a JSON object.
+        """
         path = self.path / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path, CONFIG_LIMIT, "model config") if os.path.lexists(path) else {}
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in {file for file, _, _ in self.entries.values()})
+
+
+def hf_file(root: Path, name: str, what: str) -> Path:
+    """``root / name`` for a file an HF folder names, refusing names that leave it and symlinks.
+
+    Raises:
+        CheckpointError: ``name`` is absolute, has ``..``, or is (or passes through) a symlink.
+    """
+    path = root / name
+    if not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_symlink():
+        raise CheckpointError(
+            f"{path} is a symbolic link: savepoint reads only regular files inside the Hugging Face folder, so "
+            "it was not followed. Copy the real files into a folder (`cp -rL SRC DST`, or `hf download REPO "
+            "--local-dir DST`, which writes no links) and point at that")
+    return inside(root, name, what)  # absolute names, `..` and links further up
+
+
+def _entry_problem(info: Any, data_bytes: int) -> str | None:
+    """Why a safetensors header entry is malformed, or None."""
+    if not isinstance(info, dict):
+        return "has no {dtype, shape, data_offsets} entry"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(info.get("dtype"), str):
+        return "has no dtype name"
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        return f"has shape {shape!r}, not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        return f"has data_offsets {offsets!r}, outside the file's {data_bytes:,} data bytes"
+    return None
+
+
+def _parse_json(raw: bytes, path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a valid {what}: its JSON nests too deeply; re-download or re-create it")\
+            from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a valid {what}: not JSON ({e}); re-download or re-create it") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} is not a valid {what}: it holds a JSON {type(value).__name__}, not an "
+                              "object; re-download or re-create it")
+    return value
+
+
+def read_json(path: Path, limit: int, what: str) -> dict[str, Any]:
+    """A JSON object from a regular file of at most ``limit`` bytes.
+
+    Raises:
+        CheckpointError: it is missing, not a regular file, too big, not JSON, or not an object.
+    """
+    try:
+        raw = read_regular(path, limit, what)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    return _parse_json(raw, path, what)
 
 
 class HFWriter:
@@ -130,7 +240,8 @@ class HFWriter:
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
+    def finish(self, config: dict, assets: str | Path | None = None,
+               assets_flag: str = "--model.hf_assets_path") -> list[Path]:
         """Name the shards, write the index and ``config.json``, copy tokenizer files; returns the shards."""
         if self.pending or not self.shards:
             self._flush()
@@ -144,7 +255,7 @@ class HFWriter:
         _write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
         _write_json(self.out_dir / "config.json", config)
         if assets is not None:
-            copy_assets(Path(assets), self.out_dir)
+            copy_assets(Path(assets), self.out_dir, assets_flag)
         return names
 
 
@@ -159,29 +270,6 @@ class SafetensorsReader(HFFolder):
     while the file stays open: converting a 5 GB shard would hold 5 GB of RSS.
     """
 
-    def __init__(self, path: str | Path):
-        super().__init__(path)
-        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
-
-    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
-        if file not in self._layout:
-            try:
-                with open(file, "rb") as f:
-                    (size,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(size))
-            except (OSError, ValueError, struct.error) as e:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
-                                      "re-download or re-export it") from e
-            self._layout[file] = (8 + size, header)
-        return self._layout[file]
-
-    def dtype(self, key: str) -> torch.dtype:
-        file = self.entries[key][0]
-        name = self._header(file)[1][key]["dtype"]
-        if name not in ST_DTYPES:
-            raise CheckpointError(f"{file}: tensor {key!r} has dtype {name}, which savepoint cannot convert")
-        return ST_DTYPES[name]
-
     def read(self, key: str) -> torch.Tensor:
         file, shape, _ = self.entries[key]
         start, header = self._header(file)
@@ -192,7 +280,7 @@ class SafetensorsReader(HFFolder):
                                   "the file is corrupt")
         out = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(out.numpy())
-        with open(file, "rb", buffering=0) as f:
+        with open_regular(file, "safetensors file") as f:
             f.seek(start + begin)
             done = 0
             while done < len(view):
@@ -267,10 +355,11 @@ class StreamingHFWriter(HFWriter):
         self.shards.append((self._path(), [key for key, _, _ in group]))
         self._pos = 0
 
-    def finish(self, config: dict, assets: str | Path | None = None) -> list[Path]:
+    def finish(self, config: dict, assets: str | Path | None = None,
+               assets_flag: str = "--model.hf_assets_path") -> list[Path]:
         if len(self.shards) != len(self.groups) or not self.shards:
             raise RuntimeError(f"StreamingHFWriter: {len(self.shards)} of {len(self.groups)} shards written")
-        return super().finish(config, assets)
+        return super().finish(config, assets, assets_flag)
 
     def close(self) -> None:
         if self._file is not None:
@@ -278,19 +367,101 @@ class StreamingHFWriter(HFWriter):
             self._file = None
 
 
-def copy_assets(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer and generation files (never weights, index or config) from ``src`` to ``dst``."""
+def asset_files(src: Path, flag: str) -> list[Path]:
+    """The tokenizer and generation files of ``src`` that an export copies (``ASSET_PATTERNS``).
+
+    Only regular files are copied, never through a symlink: a link named ``tokenizer.json`` could
+    point at ``/etc/shadow`` or ``/proc/self/environ``, and the export is made to be shared.
+    Folders matching a pattern are not files and are passed over.
+
+    Raises:
+        CheckpointError: ``src`` is not a folder, or a matching name is a symlink, FIFO, device or
+            socket, or a file too big to be a tokenizer (naming it and ``flag``).
+    """
     if not src.is_dir():
-        raise CheckpointError(f"--model.hf_assets_path={src} is not a folder; point it at the HF model folder "
-                              "holding the tokenizer files, or leave it unset")
-    copied = []
-    for pattern in ASSET_PATTERNS:
-        for file in sorted(src.glob(pattern)):
-            if file.is_file():
-                shutil.copyfile(file, dst / file.name)
-                _fsync(dst / file.name)
-                copied.append(file.name)
+        raise CheckpointError(f"{flag}={src} is not a folder; point it at the HF model folder holding the "
+                              "tokenizer files, or leave it unset")
+    files = []
+    for name in sorted({p.name for pattern in ASSET_PATTERNS for p in src.glob(pattern)}):
+        path = src / name
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(
+                f"{flag}: {path} is {describe_mode(mode)}, not a regular file; an export copies only regular files "
+                "(never through a link), so it would lack this one. Put the real file there (`cp -L`), or point "
+                f"{flag} at a folder of real files (`hf download REPO --local-dir DST` writes no links)")
+        if os.lstat(path).st_size > ASSET_LIMIT:
+            raise CheckpointError(f"{flag}: {path} is {os.lstat(path).st_size:,} bytes, more than a tokenizer file "
+                                  f"can be ({ASSET_LIMIT:,}); remove it from the folder")
+        files.append(path)
+    return files
+
+
+def check_export_assets(src: str | Path | None, flag: str) -> tuple[Any, Any]:
+    """Check the assets folder of an export before anything is written; returns its (bos, eos) token ids.
+
+    Without a folder, or with one holding no tokenizer files, the export still loads in
+    transformers but cannot tokenize or generate: that is a warning naming ``flag``.
+
+    Raises:
+        CheckpointError: see ``asset_files`` and ``asset_token_ids``.
+    """
+    if src is None:
+        logger.warning("%s is not set: the Hugging Face export will have no tokenizer files and no "
+                       "generation_config.json, and bos_token_id/eos_token_id null in its config.json; set %s to the "
+                       "original HF model folder to include them", flag, flag)
+        return None, None
+    src = Path(src)
+    if not asset_files(src, flag):
+        logger.warning("%s=%s holds no tokenizer files (%s): the Hugging Face export will have none; point %s at the "
+                       "original HF model folder", flag, src, ", ".join(ASSET_PATTERNS), flag)
+    return asset_token_ids(src, flag)
+
+
+def copy_assets(src: Path, dst: Path, flag: str = "--model.hf_assets_path") -> list[str]:
+    """Copy tokenizer and generation files (never weights, index or config) from ``src`` to ``dst``.
+
+    A name that is not a regular file by the time it is copied (a link or FIFO put there after
+    ``asset_files`` checked the folder) is skipped with a warning: the weights matter more than
+    one tokenizer file. Returns the names copied.
+
+    Raises:
+        CheckpointError: see ``asset_files``.
+    """
+    copied, skipped = [], []
+    for path in asset_files(src, flag):
+        try:
+            with open_regular(path, "tokenizer file") as f, open(dst / path.name, "xb") as out:
+                shutil.copyfileobj(f, out)
+        except (CheckpointError, FileNotFoundError) as e:
+            skipped.append(f"{path.name} ({e})")
+            continue
+        _fsync(dst / path.name)
+        copied.append(path.name)
+    if skipped:
+        logger.warning("the Hugging Face export in %s lacks %s from %s=%s: not a regular file when copied",
+                       dst, "; ".join(skipped), flag, src)
     return copied
+
+
+def asset_token_ids(src: Path | None, flag: str) -> tuple[Any, Any]:
+    """bos/eos token ids from the assets folder's ``config.json``, when it has one (else None, None).
+
+    Raises:
+        CheckpointError: that config.json is not a regular JSON object, or its ids are not integers.
+    """
+    if src is None or not os.path.lexists(src / "config.json"):
+        return None, None
+    config = read_json(src / "config.json", CONFIG_LIMIT, f"model config ({flag})")
+    ids = config.get("bos_token_id"), config.get("eos_token_id")
+    for name, value in zip(("bos_token_id", "eos_token_id"), ids, strict=True):
+        values = value if isinstance(value, list) else [value]
+        if value is not None and not all(type(v) is int for v in values):
+            raise CheckpointError(f"{flag}: {src}/config.json has {name}={value!r}; it must be a token id (an "
+                                  "integer) or a list of them. Fix the file or point the flag at another folder")
+    return ids
 
 
 def _write_json(path: Path, obj: dict) -> None:
