@@ -43,6 +43,7 @@ from savepoint.checkpoint.integrity import verify_step
 from savepoint.checkpoint.lock import LOCK_NAME, FolderLock
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.models.llama3 import LLAMA3_FLAVORS
+from tests import hostile
 from tests import test_hostile_metadata as hm
 from tests.conftest import FAST_ARGS, ROOT, make_config
 
@@ -226,6 +227,21 @@ CASES: dict[str, Case] = {
                              exit_code=0, new_steps=[11]),
 }
 
+
+def damaged(name: str, load_step: bool = True) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """Damage step-10 as ``hostile.<name>`` does; load it explicitly (train rows) or add nothing (command rows)."""
+    def setup(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+        getattr(hostile, name)(dump / "checkpoint/step-10")
+        return ["--checkpoint.load_step", "10"] if load_step else []
+
+    return setup
+
+
+def titan_folder(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
+    hostile.as_torchtitan(dump / "checkpoint")
+    return ["--checkpoint.require_checksums"]
+
+
 # Rows by area, each area in its own table (merged into CASES below, in this order).
 HOSTILE_READ_CASES: dict[str, Case] = {  # hostile .metadata / manifest / paths, every CLI command
     # Forgeries reseal the manifest (tests/test_hostile_metadata.py runs them through every command).
@@ -247,6 +263,38 @@ HOSTILE_READ_CASES: dict[str, Case] = {  # hostile .metadata / manifest / paths,
     "manifest without layout.world_size, inspect": Case(
         hm.bad_input_no_world_size, ["1 step(s) of {dump}/checkpoint cannot be read: step-10"],
         command=["inspect", "{dump}/checkpoint"]),
+    # Damaged manifests, paths and data files (tests/hostile.py; more in tests/test_hostile_checkpoint.py).
+    "manifest nested 100,000 levels": Case(
+        damaged("deep_manifest"), ["{dump}/checkpoint/step-10/manifest.json is corrupt", "nested more than 32 levels",
+                                   "savepoint verify", "--checkpoint.load_step"]),
+    "manifest checksums.files is a list, verify": Case(
+        damaged("files_is_a_list", load_step=False), ["1 of 2 step(s) failed verification: step-10"],
+        command=["verify", "{dump}/checkpoint"]),
+    "manifest names /etc/shadow": Case(
+        damaged("names_etc_shadow"), ["{dump}/checkpoint/step-10/manifest.json is corrupt", "'/etc/shadow'",
+                                      "not a file of the step folder"]),
+    "manifest segments overlap": Case(
+        damaged("whole_file_segments"), ["{dump}/checkpoint/step-10/manifest.json is corrupt",
+                                         "without gaps or overlaps"]),
+    "manifest deleted": Case(
+        damaged("manifest_deleted"), ["{dump}/checkpoint/step-10/manifest.json is missing",
+                                      "step-5 in the same folder has one", "--checkpoint.load_step"]),
+    "manifest is a folder": Case(
+        damaged("manifest_is_a_folder"), ["{dump}/checkpoint/step-10/manifest.json is a folder"]),
+    "checksums removed from the manifest": Case(
+        damaged("checksums_deleted"), ["{dump}/checkpoint/step-10/manifest.json is corrupt: it has no checksums"]),
+    ".metadata offset 2**40, to_hf": Case(
+        damaged("offset_2_40", load_step=False), ["{dump}/checkpoint/step-10/__0_0.distcp is corrupt",
+                                                  "at bytes [1099511627776,"],
+        command=["convert", "to_hf", "{dump}/checkpoint/step-10", "{dump}/hf", "--model_flavor", "debugmodel"]),
+    ".metadata shape [2**31, 2**31]": Case(
+        damaged("huge_shape"), ["{dump}/checkpoint/step-10/.metadata is corrupt", "[2147483648, 2147483648]",
+                                "are stored"]),
+    ".metadata data file outside the step": Case(
+        damaged("absolute_relative_path"), ["{dump}/checkpoint/step-10: the data file name",
+                                            "points outside the folder"]),
+    "TorchTitan folder, require_checksums": Case(
+        titan_folder, ["{dump}/checkpoint/step-10 has no checksums", "--checkpoint.require_checksums"]),
 }
 def lock_symlink(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
     """``.savepoint.lock`` is a symlink to a file in the folder: the lock must not write through it."""
@@ -343,7 +391,7 @@ def _linked_tokenizer(dump: Path, mp: pytest.MonkeyPatch) -> list[str]:
 
 HF_CASES: dict[str, Case] = {  # Hugging Face folders and exports
     "HF export, other --model_flavor than recorded": Case(
-        nothing, ["--model_flavor 8B does not match {dump}/checkpoint/step-10", "--model.flavor debugmodel",
+        nothing, ["--model_flavor 8B does not match {dump}/checkpoint/step-10", "trained with flavor debugmodel",
                   "drop --model_flavor"],
         command=["convert", "to_hf", "{dump}/checkpoint/step-10", "{dump}/out", "--model_flavor", "8B"]),
     "HF export, symlinked tokenizer file": Case(
