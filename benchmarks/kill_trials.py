@@ -961,9 +961,11 @@ class Summary:
         lines.append("restarts: " + ", ".join(f"{k} {v}" for k, v in sorted(resumed.items())))
         launcher = self.launcher_counts()
         if launcher is not None:
-            gone = "" if launcher["gone_s_max"] is None else \
-                f"; job gone {launcher['gone_s_median']:.3f} s after the kill (median), {launcher['gone_s_max']:.3f} s max"
-            lines.append(f"launcher kills: {launcher['kills']} ({', '.join(f'{k} {v}' for k, v in launcher['by_kind'].items())}); "
+            gone = "" if launcher["gone_s_max"] is None else (
+                f"; job gone {launcher['gone_s_median']:.3f} s after the kill (median), "
+                f"{launcher['gone_s_max']:.3f} s max")
+            kinds = ", ".join(f"{k} {v}" for k, v in launcher["by_kind"].items())
+            lines.append(f"launcher kills: {launcher['kills']} ({kinds}); "
                          f"kills leaving survivors after {SURVIVOR_GRACE_S:.0f} s: {launcher['kills_with_survivors']} "
                          f"({launcher['survivors']} processes){gone}; restarts that ran to the end: "
                          + ", ".join(f"{k} {v}" for k, v in launcher["restarts"].items()))

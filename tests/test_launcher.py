@@ -186,6 +186,6 @@ def test_sigterm_while_waiting_for_other_nodes_exits_at_once():
     assert proc.returncode == launch.EXIT_TERMINATED == 143, err
     assert "Traceback" not in err and "RendezvousTimeoutError" not in err, err
     lines = [ln for ln in err.splitlines() if "SIGTERM" in ln]
-    assert lines == [f"savepoint: SIGTERM with no worker running (waiting for the other nodes to join): nothing to "
-                     f"checkpoint; exiting with status 143"], err
+    assert lines == ["savepoint: SIGTERM with no worker running (waiting for the other nodes to join): nothing to "
+                     "checkpoint; exiting with status 143"], err
     assert err.strip().splitlines()[-1] == lines[0]
