@@ -28,10 +28,11 @@ alone 230 MB): peak RSS 1.1 GB for bf16 HF -> fp32 DCP, 1.4 GB for fp32 DCP -> f
 Dtypes: ``convert_from_hf`` writes float32 by default, like TorchTitan: the checkpoint initialises an
 fp32 training model (``--dtype bfloat16|float16`` casts to those, ``--dtype keep`` keeps each tensor's
 stored dtype). ``convert_to_hf`` writes ``--export_dtype`` (float32 by default, as TorchTitan).
-Integer tensors are never cast.
+An HF folder whose weights are integer or bool is refused (a Llama holds only floats).
 
-Safety: nothing is checked lazily. Keys, shapes and head counts are validated against the flavor
-before a byte is written, and an error names the first bad tensor. Output goes to a hidden sibling
+Safety: the HF folder is untrusted (see ``HFFolder``). Keys, shapes, dtypes and ``config.json``
+(head counts, value types) are validated against the flavor before a byte is written, each tensor
+is refused if it holds NaN or inf, and an error names the first bad tensor or value. Output goes to a hidden sibling
 ``.<name>.partial`` that is renamed to OUT only when complete (a failed or interrupted conversion
 leaves no OUT); an existing non-empty OUT is refused and never touched.
 
@@ -458,13 +459,13 @@ def step_flavor(step_dir: str | Path, flavor: str | ModelArgs | None) -> str | M
         return flavor or DEFAULT_FLAVOR
     if flavor is None:
         if recorded not in LLAMA3_FLAVORS:
-            raise CheckpointError(f"{step_dir}/manifest.json records --model.flavor {recorded!r}, which is not a "
+            raise CheckpointError(f"{step_dir}/manifest.json records the flavor {recorded!r}, which is not a "
                                   f"Llama 3 flavor here ({', '.join(LLAMA3_FLAVORS)}); pass --model_flavor")
         return recorded
     if flavor != recorded:
-        raise CheckpointError(f"--model_flavor {flavor} does not match {step_dir}, which was trained with "
-                              f"--model.flavor {recorded} (its manifest.json says so); drop --model_flavor to use "
-                              f"{recorded}, or point at a step of a {flavor} run")
+        raise CheckpointError(f"--model_flavor {flavor} does not match {step_dir}, which was trained with flavor "
+                              f"{recorded} (its manifest.json records it); drop --model_flavor to use {recorded}, or "
+                              f"point at a step trained with {flavor}")
     return flavor
 
 

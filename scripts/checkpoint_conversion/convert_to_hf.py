@@ -4,9 +4,12 @@
         --hf_assets_path ./assets/hf/Llama-3.1-8B --model_name llama3 --model_flavor 8B \\
         [--export_dtype float32|bfloat16|float16] [--max_shard_size 5GB]
 
-INPUT_DIR is a ``step-N`` folder, full training or model-only, saved at any world size. The output
-holds the weights, ``model.safetensors.index.json``, ``config.json`` and the tokenizer files of
-``--hf_assets_path``. Runs from any directory; see ``savepoint/hf/convert.py``.
+INPUT_DIR is a ``step-N`` folder, full training or model-only, saved at any world size. Without
+``--model_flavor`` the flavor the step's ``manifest.json`` records is used (8B for a step without
+one); a given flavor must match the recorded one. The output holds the weights,
+``model.safetensors.index.json``, ``config.json`` and the tokenizer files of ``--hf_assets_path``
+(regular files only; without it, a warning: the export has no tokenizer). Runs from any directory;
+see ``savepoint/hf/convert.py``.
 """
 
 import sys
