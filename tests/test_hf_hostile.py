@@ -196,6 +196,45 @@ def test_symlinked_weights_file_is_refused(weights, tmp_path, capsys, way):
               "cp -rL", "--local-dir")
 
 
+def hub_snapshot(root: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """A Hugging Face cache repo as huggingface_hub lays it out: snapshots/<rev>/<name> -> ../../blobs/<hash>."""
+    real = hf_folder(root / "download", weights)
+    (real / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    blobs, snapshot = root / "models--x--y" / "blobs", root / "models--x--y" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(real.iterdir())):
+        blob = blobs / f"{i:040x}"
+        path.rename(blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+@pytest.mark.parametrize("way", list(WAYS_IN))
+def test_hugging_face_cache_snapshot_loads(weights, tmp_path, capsys, way):
+    snapshot = hub_snapshot(tmp_path, weights)
+    code, _, err = run(WAYS_IN[way](snapshot, tmp_path), capsys)
+    assert code == 0, err
+
+
+def test_hugging_face_cache_links_leaving_blobs_are_refused(weights, tmp_path, capsys):
+    snapshot = hub_snapshot(tmp_path, weights)
+    outside = hf_folder(tmp_path / "elsewhere", weights) / "model.safetensors"
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(outside)
+    one_error(capsys, from_hf(snapshot, tmp_path), f"{snapshot}/model.safetensors is a symbolic link", "blobs/")
+
+
+def test_export_copies_tokenizer_from_a_hugging_face_cache_snapshot(weights, step, tmp_path, capsys):
+    snapshot = hub_snapshot(tmp_path, weights)
+    out = tmp_path / "export"
+    code, _, err = run(["convert", "to_hf", str(step), str(out), "--model_flavor", "debugmodel",
+                        "--hf_assets_path", str(snapshot)], capsys)
+    assert code == 0, err
+    copied = out / "tokenizer.json"
+    assert not copied.is_symlink() and copied.read_text() == '{"version": "1.0"}\n'
+
+
 def test_header_length_past_the_file_is_refused_before_reading(tmp_path, capsys):
     folder = tmp_path / "hf"
     folder.mkdir()

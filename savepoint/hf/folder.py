@@ -152,18 +152,44 @@ class HFFolder:
         return sum(f.stat().st_size for f in {file for file, _, _ in self.entries.values()})
 
 
+def hub_blob(root: Path, path: Path) -> Path | None:
+    """The blob a Hugging Face cache link stands for, or None when ``path`` is not such a link.
+
+    ``huggingface_hub`` downloads into ``<repo>/blobs/<hash>`` and links each file of
+    ``<repo>/snapshots/<revision>/`` to its blob. Such a link is followed, but only when ``root``
+    is a snapshot folder and the link resolves to a regular file directly in that repo's
+    ``blobs/``; any other link is refused, so a crafted folder cannot lead a read (or an export's
+    copy) to ``/etc/shadow`` or ``/proc/self/environ``.
+    """
+    if not path.is_symlink():
+        return None
+    snapshot = root.resolve()
+    if snapshot.parent.name != "snapshots":
+        return None
+    blobs = snapshot.parent.parent / "blobs"
+    target = path.resolve()
+    if target.parent != blobs or not target.is_file() or target.is_symlink():
+        return None
+    return target
+
+
 def hf_file(root: Path, name: str, what: str) -> Path:
-    """``root / name`` for a file an HF folder names, refusing names that leave it and symlinks.
+    """The file to open for a file an HF folder names: ``root / name``, or its blob in the HF cache.
 
     Raises:
-        CheckpointError: ``name`` is absolute, has ``..``, or is (or passes through) a symlink.
+        CheckpointError: ``name`` is absolute, has ``..``, or is (or passes through) a symlink other
+            than a Hugging Face cache link (see ``hub_blob``).
     """
     path = root / name
     if not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_symlink():
+        blob = hub_blob(root, path)
+        if blob is not None and inside(root, str(Path(name).parent), what) is not None:
+            return blob
         raise CheckpointError(
-            f"{path} is a symbolic link: savepoint reads only regular files inside the Hugging Face folder, so "
-            "it was not followed. Copy the real files into a folder (`cp -rL SRC DST`, or `hf download REPO "
-            "--local-dir DST`, which writes no links) and point at that")
+            f"{path} is a symbolic link: savepoint reads only regular files inside the Hugging Face folder (or, in "
+            "a Hugging Face cache snapshot, links into that repo's blobs/), so it was not followed. Copy the real "
+            "files into a folder (`cp -rL SRC DST`, or `hf download REPO --local-dir DST`, which writes no links) "
+            "and point at that")
     return inside(root, name, what)  # absolute names, `..` and links further up
 
 
@@ -203,7 +229,7 @@ def read_json(path: Path, limit: int, what: str) -> dict[str, Any]:
         CheckpointError: it is missing, not a regular file, too big, not JSON, or not an object.
     """
     try:
-        raw = read_regular(path, limit, what)
+        raw = read_regular(hub_blob(path.parent, path) or path, limit, what)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     return _parse_json(raw, path, what)
@@ -367,8 +393,10 @@ class StreamingHFWriter(HFWriter):
             self._file = None
 
 
-def asset_files(src: Path, flag: str) -> list[Path]:
-    """The tokenizer and generation files of ``src`` that an export copies (``ASSET_PATTERNS``).
+def asset_files(src: Path, flag: str) -> dict[str, Path]:
+    """The tokenizer and generation files of ``src`` that an export copies (``ASSET_PATTERNS``), by name.
+
+    Each maps to the file to read: itself, or in a Hugging Face cache snapshot the blob it links to.
 
     Only regular files are copied, never through a symlink: a link named ``tokenizer.json`` could
     point at ``/etc/shadow`` or ``/proc/self/environ``, and the export is made to be shared.
@@ -381,10 +409,13 @@ def asset_files(src: Path, flag: str) -> list[Path]:
     if not src.is_dir():
         raise CheckpointError(f"{flag}={src} is not a folder; point it at the HF model folder holding the "
                               "tokenizer files, or leave it unset")
-    files = []
+    files = {}
     for name in sorted({p.name for pattern in ASSET_PATTERNS for p in src.glob(pattern)}):
         path = src / name
         mode = os.lstat(path).st_mode
+        blob = hub_blob(src, path)
+        if blob is not None:  # a Hugging Face cache snapshot's link into its repo's blobs/
+            path, mode = blob, os.lstat(blob).st_mode
         if stat.S_ISDIR(mode):
             continue
         if not stat.S_ISREG(mode):
@@ -395,7 +426,7 @@ def asset_files(src: Path, flag: str) -> list[Path]:
         if os.lstat(path).st_size > ASSET_LIMIT:
             raise CheckpointError(f"{flag}: {path} is {os.lstat(path).st_size:,} bytes, more than a tokenizer file "
                                   f"can be ({ASSET_LIMIT:,}); remove it from the folder")
-        files.append(path)
+        files[name] = path
     return files
 
 
@@ -431,15 +462,15 @@ def copy_assets(src: Path, dst: Path, flag: str = "--model.hf_assets_path") -> l
         CheckpointError: see ``asset_files``.
     """
     copied, skipped = [], []
-    for path in asset_files(src, flag):
+    for name, path in asset_files(src, flag).items():
         try:
-            with open_regular(path, "tokenizer file") as f, open(dst / path.name, "xb") as out:
+            with open_regular(path, "tokenizer file") as f, open(dst / name, "xb") as out:
                 shutil.copyfileobj(f, out)
         except (CheckpointError, FileNotFoundError) as e:
-            skipped.append(f"{path.name} ({e})")
+            skipped.append(f"{name} ({e})")
             continue
-        _fsync(dst / path.name)
-        copied.append(path.name)
+        _fsync(dst / name)
+        copied.append(name)
     if skipped:
         logger.warning("the Hugging Face export in %s lacks %s from %s=%s: not a regular file when copied",
                        dst, "; ".join(skipped), flag, src)
