@@ -144,7 +144,7 @@ def open_append_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      0o644)
-    except OSError as e:
+    except OSError:
         kind = _lstat_kind(path)
         if kind:
             raise CheckpointError(f"{path} is {kind}, not a regular file: refusing to write the {what} "

@@ -246,7 +246,7 @@ def as_torchtitan(root: Path) -> None:
 
     for step in sorted(root.glob("step-*")):
         (step / MANIFEST).unlink()
-        forge_metadata(step, lambda md: setattr(md, "storage_meta", StorageMeta(checkpoint_id=str(step))))
+        forge_metadata(step, lambda md, step=step: setattr(md, "storage_meta", StorageMeta(checkpoint_id=str(step))))
 
 
 def nothing(step: Path) -> None:

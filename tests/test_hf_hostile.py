@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from savepoint import cli
 from savepoint.checkpoint import lock as lock_module
-from savepoint.hf import convert
 from savepoint.hf.llama3 import hf_config, to_hf_key, to_hf_tensor
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from tests.conftest import FAST_ARGS, ROOT

@@ -716,7 +716,7 @@ class VerifyingReader(FileSystemReader):
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if len(offsets) != len(shape) or len(sizes) != len(shape) or \
                     any(type(o) is not int or type(n) is not int or o < 0 or n < 0 or o + n > d
-                        for o, n, d in zip(offsets, sizes, shape)):
+                        for o, n, d in zip(offsets, sizes, shape, strict=True)):
                 raise CorruptCheckpointError(f"{path} is corrupt: tensor {fqn!r} of shape {list(shape)} has a chunk "
                                              f"of shape {list(sizes)} at {list(offsets)}, outside it")
             info = stored.get((fqn, offsets))

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import re
@@ -78,7 +77,7 @@ from savepoint.hf.folder import (
     check_export_assets,
     nbytes_of,
 )
-from savepoint.hf.llama3 import Llama3HFAdapter, check_hf_config, hf_config, to_hf_key
+from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 
 logger = logging.getLogger(__name__)
