@@ -76,18 +76,19 @@ def test_launcher_kill_trials(tmp_path):
     resumes from the newest committed step with bit-identical losses."""
     out = tmp_path / "summary.json"
     proc = subprocess.run(
-        [sys.executable, str(HARNESS), "--trials", "3", "--seed", "0", "--mode", "async_with_pinned_mem",
+        # Seed 0: a kill of the whole group late in the run, then of the launcher alone in start-up (~80 s).
+        [sys.executable, str(HARNESS), "--trials", "2", "--seed", "0", "--mode", "async_with_pinned_mem",
          "--world-size", "2", "--steps", "3", "--target", "launcher", "--workdir", str(tmp_path / "work"),
          "--json", str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert summary["trials"] == 3
+    assert summary["trials"] == 2
     assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
     launcher = summary["launcher"]
-    assert launcher["kills"] >= 2 and launcher["survivors"] == 0, launcher  # a run may end before its kill
-    assert launcher["restarts"] == {"ok": 3}, launcher
+    assert launcher["kills"] >= 1 and launcher["survivors"] == 0, launcher  # a run may end before its kill
+    assert launcher["restarts"] == {"ok": 2}, launcher
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
