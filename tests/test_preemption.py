@@ -129,7 +129,7 @@ def test_bad_grace_period_is_a_config_error():
     from savepoint.config import parse_args
     from savepoint.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--checkpoint.preemption_grace_seconds must be > 0"):
+    with pytest.raises(ConfigError, match=r"--checkpoint.preemption_grace_seconds must be finite and > 0"):
         parse_args(["--checkpoint.preemption_grace_seconds", "0"], environ={})
 
 
