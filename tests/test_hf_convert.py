@@ -26,7 +26,15 @@ from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.errors import CheckpointError, ConfigError
 from savepoint.hf import convert
 from savepoint.hf.convert import Progress, check_dcp_keys, convert_from_hf, convert_to_hf, main, partial_path
-from savepoint.hf.llama3 import Llama3HFAdapter, from_hf_key, from_hf_tensor, hf_config, to_hf_key, to_hf_tensor
+from savepoint.hf.llama3 import (
+    Llama3HFAdapter,
+    check_hf_config,
+    from_hf_key,
+    from_hf_tensor,
+    hf_config,
+    to_hf_key,
+    to_hf_tensor,
+)
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 from savepoint.models.llama3.model import Transformer
 from tests.conftest import ROOT
@@ -270,7 +278,7 @@ def test_real_flavor_maps_every_key_both_ways(flavor):
     props = TensorProperties(dtype=torch.bfloat16)
     check_dcp_keys(adapter, {k: TensorStorageMetadata(props, torch.Size(s), []) for k, s in adapter.shapes.items()},
                    "meta")
-    convert.check_hf_config(hf_config(args, torch.bfloat16), args, flavor, "meta")
+    check_hf_config(hf_config(args, torch.bfloat16), args, flavor, "meta")
 
 
 # ---- bad inputs: one clear error each --------------------------------------------------------------
@@ -325,14 +333,14 @@ def test_wrong_head_count_with_the_same_shapes_is_refused(debug_hf, tmp_path, fl
 def test_rope_differences_only_warn(caplog):
     llama30 = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "rope_theta": 500000.0,
                "rope_scaling": None, "rms_norm_eps": 1e-5}  # Llama 3.0 8B: no llama3 RoPE scaling
-    convert.check_hf_config(llama30, LLAMA3_FLAVORS["8B"], "8B", "hf")
+    check_hf_config(llama30, LLAMA3_FLAVORS["8B"], "8B", "hf")
     assert "llama3 rope scaling off (flavor: on)" in caplog.text
     caplog.clear()
-    convert.check_hf_config(hf_config(TINY, torch.float32), TINY, "custom", "hf")
-    convert.check_hf_config({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+    check_hf_config(hf_config(TINY, torch.float32), TINY, "custom", "hf")
+    check_hf_config({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
                                                  "original_max_position_embeddings": 16}}, TINY, "custom", "hf")
     assert caplog.text == ""
-    convert.check_hf_config({**hf_config(TINY, torch.float32), "rope_theta": 500000.0}, TINY, "custom", "hf")
+    check_hf_config({**hf_config(TINY, torch.float32), "rope_theta": 500000.0}, TINY, "custom", "hf")
     assert "rope_theta 500000.0 (flavor: 10000.0)" in caplog.text
 
 
