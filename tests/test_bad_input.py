@@ -16,7 +16,7 @@ row, which needs a file size limit (``RLIMIT_FSIZE``) that must not leak into th
 The SIGTERM row is not an error: a preempted job commits the step and exits 0 (see its comment).
 
 ``BAD_INPUT_MESSAGES`` collects each row's message; ``SAVEPOINT_BAD_INPUT_REPORT=path`` writes them
-to a JSON file (used to draft the README's bad-input table).
+to a JSON file, from which `scripts/bad_input_doc.py` writes docs/bad-input.md.
 """
 
 from __future__ import annotations
