@@ -101,7 +101,7 @@ THROUGHPUT_TARGET = 0.90
 VS_TORCH_TARGET = 1.0
 STEP_TARGET = 1.25
 MEMORY_TARGET = 1.0  # memory the saves add, trainer + writer process (PSS), per byte of state
-HASHING_TARGET = 0.05  # issue 6: hashing <= 5 % of a durable save
+HASHING_TARGET = 0.05  # hashing costs at most 5 % of a durable save
 # Model size and repeats: the default run (about 1.07 GB of state) and --quick.
 PRESETS = {
     "default": {"dim": 1024, "n_layers": 2, "vocab_size": 32000, "repeats": 3, "saves": 50},
@@ -569,7 +569,7 @@ def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, ba
     pairs = [h / d - 1 for h, d in zip(times["hashing_crc_save"], times["dcp_save"], strict=True)]
     net = median(times["hashing_save"]) / median(times["dcp_save"]) - 1
     print(f"hashing cost (dcp.save through HashingWriter with CRC-32 kept / plain FileSystemWriter - 1): "
-          f"{hashing * 100:+.1f} % (issue 6 target <= {HASHING_TARGET * 100:.0f} %: "
+          f"{hashing * 100:+.1f} % (target <= {HASHING_TARGET * 100:.0f} %: "
           f"{verdict(hashing <= HASHING_TARGET)}); per round {min(pairs) * 100:+.1f} to {max(pairs) * 100:+.1f} %; "
           f"as savepoint writes (xxh3 instead of the CRC-32) {net * 100:+.1f} %")
     if hashing > HASHING_TARGET:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
+from savepoint import cli
+from savepoint.checkpoint import lock as lock_module
 from savepoint.checkpoint import planner
 from savepoint.config import parse_args
 
@@ -54,3 +57,18 @@ def train(tmp_path):
         return trainer
 
     return run
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``savepoint <argv>`` in this process; returns (exit code, stdout, stderr)."""
+    logger = logging.getLogger("savepoint")
+    handlers = list(logger.handlers)
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    finally:
+        for handler in logger.handlers[len(handlers):]:  # main() adds one per call, bound to capsys' stdout
+            logger.removeHandler(handler)
+        lock_module._release_all()  # a failed run leaves its manager open: drop its lock as its exit would
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -37,15 +36,13 @@ from pathlib import Path
 
 import pytest
 
-from savepoint import cli
-from savepoint.checkpoint import lock as lock_module
 from savepoint.checkpoint.integrity import verify_step
 from savepoint.checkpoint.lock import LOCK_NAME, FolderLock
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.models.llama3 import LLAMA3_FLAVORS
 from tests import hostile
 from tests import test_hostile_metadata as hm
-from tests.conftest import FAST_ARGS, ROOT, make_config
+from tests.conftest import FAST_ARGS, ROOT, make_config, run_cli
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
 STEPS = ("--training.steps", "10")  # the base run's length: resuming it has nothing left to train
@@ -433,21 +430,6 @@ def snapshot(root: Path) -> dict[str, str]:
         rel = str(path.relative_to(root))
         out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``savepoint <argv>`` in this process; returns (exit code, stdout, stderr)."""
-    logger = logging.getLogger("savepoint")
-    handlers = list(logger.handlers)
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    finally:
-        for handler in logger.handlers[len(handlers):]:  # main() adds one per call, bound to capsys' stdout
-            logger.removeHandler(handler)
-        lock_module._release_all()  # a failed run leaves its manager open: drop its lock as its exit would
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def run_subprocess(argv: list[str]) -> tuple[int, str, str]:

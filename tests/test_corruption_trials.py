@@ -1,4 +1,4 @@
-"""Corruption trials in CI: random bit flips and truncations of a committed step are always caught (issue 6)."""
+"""Corruption trials in CI: random bit flips and truncations of a committed step are always caught."""
 
 from __future__ import annotations
 

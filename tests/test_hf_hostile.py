@@ -8,7 +8,6 @@ tokenizer files and say when they have none. Real FIFOs and symlinks throughout.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 from collections.abc import Callable
@@ -18,11 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from savepoint import cli
-from savepoint.checkpoint import lock as lock_module
 from savepoint.hf.llama3 import hf_config, to_hf_key, to_hf_tensor
 from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
 from tests.conftest import FAST_ARGS, ROOT
+from tests.conftest import run_cli as run
 
 DEBUG = LLAMA3_FLAVORS["debugmodel"]
 CONFIG = ROOT / "configs" / "debug_model.toml"
@@ -43,21 +41,6 @@ def hf_folder(path: Path, weights: dict[str, torch.Tensor], config: dict | None 
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config or hf_config(DEBUG, torch.float32)))
     return path
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``savepoint <argv>`` in this process; (exit code, stdout, stderr)."""
-    logger = logging.getLogger("savepoint")
-    handlers = list(logger.handlers)
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    finally:
-        for handler in logger.handlers[len(handlers):]:
-            logger.removeHandler(handler)
-        lock_module._release_all()
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def from_hf(folder: Path, tmp_path: Path) -> list[str]:

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from savepoint import cli
 from savepoint.checkpoint import lock as lock_module
 from savepoint.checkpoint.integrity import MAX_DEPTH, VerifyingReader, _nesting_within, read_manifest, step_checksums
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 from tests import hostile
-from tests.conftest import FAST_ARGS, ROOT, make_config
+from tests.conftest import FAST_ARGS, ROOT, make_config, run_cli
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
 
@@ -74,20 +73,6 @@ def snapshot(root: Path) -> dict[str, str]:
                 kind = hashlib.sha256(path.read_bytes()).hexdigest()
             out[str(path.relative_to(root))] = kind
     return out
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    logger = logging.getLogger("savepoint")
-    handlers = list(logger.handlers)
-    capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    finally:
-        for handler in logger.handlers[len(handlers):]:
-            logger.removeHandler(handler)
-        lock_module._release_all()
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def train_argv(dump: Path, *extra: str) -> list[str]:

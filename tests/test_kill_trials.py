@@ -1,4 +1,4 @@
-"""Kill trials in CI: SIGKILL training at random instants, restart, check resume and checkpoints (issue 6).
+"""Kill trials in CI: SIGKILL training at random instants, restart, check resume and checkpoints.
 
 The harness (``benchmarks/kill_trials.py``) forks the training runs, so it runs in a fresh
 interpreter here: forking pytest's own process, whose torch thread pools earlier tests may have

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from savepoint.checkpoint.states import LoadedValueError, LRSchedulerState, OptimizerState, StagedLoad, TrainState
 from savepoint.data.dataset import build_dataloader
 from savepoint.errors import CorruptCheckpointError
-from tests.conftest import FAST_ARGS, ROOT, make_config
-from tests.test_bad_input import run_cli, snapshot
+from tests.conftest import FAST_ARGS, ROOT, make_config, run_cli
+from tests.test_bad_input import snapshot
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
 Mutate = Callable[[dict[str, Any]], None]

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from savepoint.checkpoint.storage import CheckpointFolder
-from tests.conftest import FAST_ARGS, ROOT
-from tests.test_bad_input import run_cli
+from tests.conftest import FAST_ARGS, ROOT, run_cli
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
 
