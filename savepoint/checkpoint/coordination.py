@@ -138,12 +138,29 @@ class Coordinator:
             self.group = None
 
 
+def failing_error(error: BaseException) -> tuple[int | None, BaseException]:
+    """(the failing rank, its own error) for DCP's CheckpointException, which wraps each rank's error
+    (the lowest failing rank's is taken); ``(None, error)`` for any other error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, inner = next(iter(error.failures.items()))
+        return rank, inner[0] if isinstance(inner, tuple) else inner  # (error, traceback) pairs
+    return None, error
+
+
 def root_cause(error: BaseException) -> str:
     """One line for an error; for DCP's CheckpointException, the first failing rank's own error."""
-    if isinstance(error, CheckpointException) and error.failures:
-        rank, (inner, _trace) = next(iter(error.failures.items()))
-        return f"rank {rank}: {type(inner).__name__}: {inner}"
-    return f"{type(error).__name__}: {error}"
+    rank, inner = failing_error(error)
+    prefix = "" if rank is None else f"rank {rank}: "
+    return f"{prefix}{type(inner).__name__}: {inner}"
+
+
+def as_savepoint_error(error: BaseException, what: str) -> SavepointError:
+    """A one-line SavepointError for an error raised in one process (e.g. inside DCP, which wraps it):
+    the SavepointError behind it as it is, else a CheckpointError ``'<what> failed: Type: message'``."""
+    _, inner = failing_error(error)
+    if isinstance(inner, SavepointError):
+        return inner
+    return CheckpointError(f"{what} failed: {type(inner).__name__}: {inner}")
 
 
 def error_errno(error: BaseException | None) -> int | None:
@@ -153,7 +170,7 @@ def error_errno(error: BaseException | None) -> int | None:
         if isinstance(error, OSError) and error.errno is not None:
             return error.errno
         if isinstance(error, CheckpointException) and error.failures:
-            error = next(iter(error.failures.values()))[0]
+            error = failing_error(error)[1]
         else:
             error = error.__cause__ or error.__context__
         seen += 1

@@ -22,18 +22,15 @@ from torch.distributed.tensor import DTensor
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.completeness import check_complete, remove_mark, writer_view
 from savepoint.checkpoint.coordination import Coordinator, Failure, is_rank0, my_rank, root_cause
-from savepoint.checkpoint.integrity import (
-    HashingWriter,
-    VerifyingReader,
-    collect_checksums,
-    manifest_bytes,
-    read_manifest,
-)
+from savepoint.checkpoint.fit import check_component, check_model_fits, flavor_hint
+from savepoint.checkpoint.hashing import HashingWriter, collect_checksums
 from savepoint.checkpoint.lock import FolderLock
+from savepoint.checkpoint.manifest import manifest_bytes
 from savepoint.checkpoint.planner import TiledSavePlanner
+from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.staging import AsyncSaver
-from savepoint.checkpoint.states import EXCLUDABLE, MODEL, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
+from savepoint.checkpoint.states import MODEL, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
 from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.distributed import copy_full_into
@@ -549,15 +546,16 @@ class CheckpointManager:
         if v03:
             logger.info("%s is in TorchTitan 0.3 key layout (attention.qkv_linear.*, lm_head): loading by those names",
                         path)
-        self._check_model_fits(path, {names[k]: t for k, t in model_sd.items()}, saved_keys)
+        flavor = self.job_config.get("model", {}).get("flavor")
+        check_model_fits(saved_keys, {k: t.shape for k, t in model_sd.items()}, str(path), names=names,
+                         hint=lambda: flavor_hint(path, flavor))
         state: dict[str, Any] = {names[k]: t for k, t in model_sd.items()}
         staged = StagedLoad()  # every component's values are checked before any component changes
         if not model_only:
             for name, component in self.states.items():
                 if name in self.cfg.exclude_from_loading:
                     continue
-                if not any(k.startswith(name + ".") for k in saved_keys):
-                    raise self._missing_component_error(path, name, source_step)
+                check_component(saved_keys, name, path, self.folder, source_step)
                 component = staged.wrap(name, component)
                 if name == TRAIN_STATE:
                     component = _SavedRNGOnly(component, saved_keys)
@@ -576,41 +574,6 @@ class CheckpointManager:
         skipped = [n for n in self.states if n in self.cfg.exclude_from_loading]
         logger.info("loaded %s (%s%s): %s", path, "model only" if model_only else "full",
                     f", excluded {','.join(skipped)}" if skipped and not model_only else "", _rate(nbytes, seconds))
-
-    def _check_model_fits(self, path: Path, model_sd: dict[str, torch.Tensor], saved_keys: dict) -> None:
-        for fqn, tensor in model_sd.items():
-            meta = saved_keys.get(fqn)
-            if meta is None:
-                raise CheckpointError(
-                    f"{path} has no tensor {fqn!r}: it was saved from a different model; "
-                    "check --model.name and --model.flavor"
-                )
-            saved_shape = tuple(getattr(meta, "size", ()))
-            if saved_shape != tuple(tensor.shape):
-                raise CheckpointError(
-                    f"{path}: tensor {fqn!r} has shape {list(saved_shape)} in the checkpoint but "
-                    f"{list(tensor.shape)} in the model; check --model.flavor{self._flavor_hint(path)}"
-                )
-
-    def _flavor_hint(self, path: Path) -> str:
-        """' (the checkpoint was saved with --model.flavor X, this run uses Y)', when the manifest tells X."""
-        try:
-            saved = (read_manifest(path) or {})["job_config"]["model"]["flavor"]
-            ours = self.job_config["model"]["flavor"]
-        except (CheckpointError, KeyError, TypeError):
-            return ""  # e.g. written by TorchTitan: no manifest
-        return f" (the checkpoint was saved with --model.flavor {saved}, this run uses {ours})" if saved != ours else ""
-
-    def _missing_component_error(self, path: Path, name: str, source_step: int | None) -> CheckpointError:
-        full_steps = [s for s in self.folder.committed_steps() if s != source_step and
-                      (self.folder.read_manifest(s) or {}).get("kind", "full") == "full"]
-        hint = f"--checkpoint.load_step {full_steps[-1]} (latest full step)" if full_steps else \
-            "--checkpoint.initial_load_path " + str(path) + " with an empty --checkpoint.folder"
-        return CheckpointError(
-            f"{path} holds no '{name}' state: it is a model-only checkpoint (e.g. the final save with "
-            f"--checkpoint.last_save_model_only), which cannot resume training. Use {hint}, or "
-            f"--checkpoint.exclude_from_loading {','.join(EXCLUDABLE)} to load only the weights"
-        )
 
 
 class _RenamedKeys(Stateful):
