@@ -1,28 +1,26 @@
-"""Corruption trials in CI: random bit flips and truncations of a committed step are always caught."""
+"""Corruption trials: random bit flips and truncations of a committed step are always caught.
+
+The default run has 50 trials; the full campaign (the figure the README quotes) is marked ``slow``:
+``./run_tests.sh -m slow tests/test_corruption_trials.py``.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("corruption_trials", ROOT / "benchmarks" / "corruption_trials.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from savepoint.durable import DCP_MARKER, MANIFEST
+from tests.trials import corruption as ct
 
 
-def test_every_corruption_is_detected(tmp_path):
-    ct = _harness()
-    summary = ct.run_trials(50, seed=6, workdir=tmp_path)
-    assert len(summary.results) == 50
+@pytest.mark.parametrize(("trials", "seed"), [
+    pytest.param(50, 6, id="50-trials"),
+    pytest.param(1000, 0, id="1000-trials", marks=pytest.mark.slow),
+])
+def test_every_corruption_is_detected(tmp_path, trials, seed):
+    summary = ct.run_trials(trials, seed=seed, workdir=tmp_path)
+    assert len(summary.results) == trials
     kinds = {r.damage.kind for r in summary.results}
     files = {r.damage.file for r in summary.results}
     assert kinds == {"flip", "truncate"}
-    assert {".metadata", "manifest.json"} <= files and any(f.endswith(".distcp") for f in files)
-    assert summary.counts() == {"verify": 50, "cli": 50, "load": 50, "fallback": 50}, summary.report()
+    assert {DCP_MARKER, MANIFEST} <= files and any(f.endswith(".distcp") for f in files)
+    assert summary.counts() == {"verify": trials, "cli": trials, "load": trials, "fallback": trials}, summary.report()

@@ -15,12 +15,12 @@ from pathlib import Path
 from savepoint import launch, lifeline
 from savepoint.checkpoint.storage import CheckpointFolder
 from tests.conftest import ROOT, losses
-from tests.test_kill_trials import _harness as _load_harness
 from tests.test_run_train import TINY
+from tests.trials import launcher as _launcher_trials
 
 LIFELINE = Path(lifeline.__file__)
 GRACE_S = 2.0  # every process of a killed job must be gone by then
-_harness = functools.cache(_load_harness)  # benchmarks/kill_trials.py: its /proc readers
+_harness = functools.cache(lambda: _launcher_trials)  # tests/trials/launcher.py: its /proc readers
 
 
 def _free_port() -> int:

@@ -1,6 +1,13 @@
 """Corruption trials: damage one committed step at random and check that savepoint notices, every time.
 
-    .venv/bin/python benchmarks/corruption_trials.py --trials 1000 --seed 0
+Run from the repository root with the project's interpreter (``scripts/bootstrap.sh`` makes it)::
+
+    .venv/bin/python -m tests.trials.corruption --trials 1000 --seed 0
+    .venv/bin/python -m tests.trials.corruption --trials 200 --kind truncate --fresh-trainers
+
+``--help`` lists every option. The exit status is 1 if any damage went unnoticed; ``--json FILE``
+also writes the counts. ``tests/test_corruption_trials.py`` runs a small campaign (the full one
+under the ``slow`` marker).
 
 One training job (``debugmodel``, tiny batches, full saves of step 1 and step 2) is run once. Each
 trial then copies step-2 (hard links for the files it leaves alone, a real copy of the one it
@@ -19,7 +26,8 @@ b. a Trainer built with ``--checkpoint.load_step 2`` raises a savepoint ``Checkp
 c. a Trainer that auto-resumes (corrupt step-2, intact step-1) falls back to step 1, logs a warning
    that names the corruption, and its model and optimizer are bit-identical to a clean load of step 1.
 
-Prints detected/total for each check (the goal: all of them).
+Prints detected/total for each check (the goal: all of them). A control trial on an undamaged copy
+runs first: every check must pass the other way on it.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import random
@@ -40,30 +47,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from savepoint import cli
+from savepoint.checkpoint import CheckpointManager
+from savepoint.checkpoint.verify import verify_step
+from savepoint.config import parse_args
+from savepoint.errors import CheckpointError
+from savepoint.train import Trainer
+from tests.trials.common import finish, quiet_log
+from tests.trials.common import job_argv as _job_argv
 
-from savepoint import cli  # noqa: E402
-from savepoint.checkpoint import CheckpointManager  # noqa: E402
-from savepoint.checkpoint.integrity import verify_step  # noqa: E402
-from savepoint.config import parse_args  # noqa: E402
-from savepoint.errors import CheckpointError  # noqa: E402
-from savepoint.train import Trainer  # noqa: E402
-
-CONFIG_FILE = ROOT / "configs" / "debug_model.toml"
 KINDS = ("flip", "truncate")
 CORRUPT_STEP, GOOD_STEP = 2, 1
 
 
 def job_argv(dump: Path, *extra: str) -> list[str]:
-    return ["--job.config_file", str(CONFIG_FILE), "--job.dump_folder", str(dump),
-            "--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps", "2",
-            "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "--checkpoint.interval", "1",
-            "--checkpoint.keep_latest_k", "0", "--checkpoint.no_last_save_model_only", "--metrics.log_freq", "1",
-            *extra]
+    """The job: 2 steps, both saved in full and kept."""
+    return _job_argv(dump, steps=2, keep=0, warmup_steps=1, extra=extra)
 
 
 def state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -354,15 +355,11 @@ def run_trials(trials: int, seed: int = 0, workdir: str | Path | None = None, pr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="corruption-trials-", dir=workdir))
-    log = logging.getLogger("savepoint")
     capture = _Capture()
-    saved = (log.level, log.propagate)
-    log.addHandler(capture)
-    log.setLevel(logging.WARNING)
-    log.propagate = False  # the fallback's loud error would otherwise flood the console 1000 times
     results: list[TrialResult] = []
     try:
-        with warnings.catch_warnings():
+        # Warnings go to ``capture`` only: the fallback's loud error would otherwise flood the console.
+        with quiet_log(logging.WARNING, capture), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pristine = make_pristine(work)
             loaders = Loaders(work / "template", fresh=fresh_trainers)
@@ -381,16 +378,13 @@ def run_trials(trials: int, seed: int = 0, workdir: str | Path | None = None, pr
                 if not verify_step(pristine.root / f"step-{step}").ok:
                     raise RuntimeError(f"the pristine step-{step} was damaged during the trials (harness bug)")
     finally:
-        log.removeHandler(capture)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
     return Summary(results, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.trials.corruption", description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind", choices=(*KINDS, "all"), default="all")
@@ -402,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = KINDS if args.kind == "all" else (args.kind,)
     summary = run_trials(args.trials, args.seed, args.workdir, progress=True, kinds=kinds,
                          fresh_trainers=args.fresh_trainers)
-    print(summary.report())
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary.as_json(), indent=2))
-    return 1 if summary.missed else 0
+    return finish(summary.report(), summary.as_json(), args.json, bool(summary.missed))
 
 
 if __name__ == "__main__":
