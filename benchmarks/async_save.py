@@ -63,7 +63,7 @@ from torch import nn  # noqa: E402
 from torch.distributed.checkpoint.stateful import Stateful  # noqa: E402
 
 from savepoint.checkpoint import CheckpointManager, staging  # noqa: E402
-from savepoint.checkpoint.integrity import HashingWriter  # noqa: E402
+from savepoint.checkpoint.hashing import HashingWriter  # noqa: E402
 from savepoint.checkpoint.states import (  # noqa: E402
     LR_SCHEDULER,
     OPTIMIZER,

@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemWriter  # noqa: E402
 from torch.utils.serialization import config  # noqa: E402
 
-from savepoint.checkpoint.integrity import HashingWriter  # noqa: E402
+from savepoint.checkpoint.hashing import HashingWriter  # noqa: E402
 from savepoint.models.llama3 import ModelArgs  # noqa: E402
 
 ROUNDS = 6

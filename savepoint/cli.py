@@ -113,7 +113,7 @@ def cmd_verify(argv: list[str]) -> None:
     path = _one_path(argv, "verify")
     if path is None:
         return
-    from savepoint.checkpoint.integrity import step_dirs, verify_step
+    from savepoint.checkpoint.verify import step_dirs, verify_step
 
     steps = step_dirs(path)
     if not steps:

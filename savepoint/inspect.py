@@ -1,7 +1,7 @@
 """``savepoint inspect``: what a checkpoint folder or one step holds, without loading tensors.
 
 Everything shown comes from files a crafted checkpoint controls, so each is read through the checked
-readers (``integrity.read_manifest`` for ``manifest.json``, :class:`VerifyingReader` for
+readers (``manifest.read_manifest`` for ``manifest.json``, :class:`VerifyingReader` for
 ``.metadata``, which never runs code from it), and every value is checked for its type before use.
 A step that cannot be read is listed as such and makes the command fail; the others are still shown.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from savepoint.checkpoint.states import EXCLUDABLE
-from savepoint.checkpoint.storage import DCP_MARKER, STEP_DIR_RE, CheckpointFolder, folder_bytes
+from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder, folder_bytes
+from savepoint.durable import DCP_MARKER
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 
 
@@ -89,7 +90,7 @@ def _shown(value: Any) -> str:
 
 def _read_metadata(step_dir: Path) -> Any:
     """The step's ``.metadata``, checked against its manifest and unpickled without running code."""
-    from savepoint.checkpoint.integrity import VerifyingReader
+    from savepoint.checkpoint.reader import VerifyingReader
 
     return VerifyingReader.for_step(step_dir).read_metadata()
 

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from savepoint.checkpoint.integrity import MANIFEST, hash_file, manifest_bytes
+from savepoint.checkpoint.hashing import hash_file
+from savepoint.checkpoint.manifest import manifest_bytes
+from savepoint.durable import MANIFEST
 
 GB3 = 3 * 1024 ** 3
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from savepoint.checkpoint.integrity import verify_step
 from savepoint.checkpoint.lock import LOCK_NAME, FolderLock
 from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.checkpoint.verify import verify_step
 from savepoint.models.llama3 import LLAMA3_FLAVORS
 from tests import hostile
 from tests import test_hostile_metadata as hm

@@ -214,7 +214,7 @@ def test_dcp_hf_dcp_round_trip_is_bit_identical(tmp_path):
 
 def test_to_hf_reads_the_metadata_once(tmp_path, monkeypatch):
     save_dcp({k: torch.randn(v.shape) for k, v in Transformer(TINY).state_dict().items()}, tmp_path / "step-1")
-    from savepoint.checkpoint import integrity
+    from savepoint.checkpoint import reader as integrity
 
     real, calls = integrity.safe_unpickle, []
     monkeypatch.setattr(integrity, "safe_unpickle", lambda *a: calls.append(1) or real(*a))

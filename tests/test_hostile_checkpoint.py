@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from savepoint.checkpoint import lock as lock_module
-from savepoint.checkpoint.integrity import MAX_DEPTH, VerifyingReader, _nesting_within, read_manifest, step_checksums
+from savepoint.checkpoint.manifest import MAX_DEPTH, _nesting_within, read_manifest, step_checksums
+from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 from tests import hostile
@@ -182,7 +183,7 @@ def test_a_whole_file_segment_is_read_once(base, tmp_path, capsys, monkeypatch):
     """An honest manifest with one segment over the whole data file: each item's read is served from one read."""
     dump = copy_of(base, tmp_path)
     hostile.one_whole_file_segment(dump / "checkpoint/step-10")
-    from savepoint.checkpoint import integrity
+    from savepoint.checkpoint import reader as integrity
 
     reads = []
     real_read = integrity._check_bytes

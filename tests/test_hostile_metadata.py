@@ -32,8 +32,11 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 
 from savepoint import cli
 from savepoint.checkpoint import lock as lock_module
-from savepoint.checkpoint.integrity import MANIFEST, VerifyingReader, hash_file, manifest_bytes, read_manifest
+from savepoint.checkpoint.hashing import hash_file
+from savepoint.checkpoint.manifest import manifest_bytes, read_manifest
+from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import safe_unpickle
+from savepoint.durable import MANIFEST
 from savepoint.errors import UnsafeCheckpointError
 from tests.conftest import FAST_ARGS, ROOT, make_config
 

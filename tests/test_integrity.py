@@ -16,9 +16,11 @@ from conftest import losses
 from torch.distributed.checkpoint.api import CheckpointException
 
 from savepoint.checkpoint.coordination import root_cause
-from savepoint.checkpoint.integrity import VerifyingReader, read_manifest, verify_step
+from savepoint.checkpoint.manifest import read_manifest
+from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.checkpoint.verify import verify_step
 from savepoint.cli import main as cli
 from savepoint.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
@@ -192,7 +194,7 @@ def test_verify_cli_on_a_healthy_folder_and_bad_paths(saved, tmp_path, capsys):
 
 
 def test_a_writer_whose_trainer_died_writes_nothing_more(tmp_path):
-    from savepoint.checkpoint.integrity import HashingFileSystem
+    from savepoint.checkpoint.hashing import HashingFileSystem
 
     fs = HashingFileSystem()
     with fs.create_stream(tmp_path / "__0_0.distcp", "wb") as stream:

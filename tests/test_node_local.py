@@ -155,7 +155,7 @@ def test_cli_exits_non_zero_on_every_rank_with_one_line(two_nodes):
 
 
 def test_shared_folder_commits_and_every_rank_logs_the_step_size(two_nodes):
-    from savepoint.checkpoint.integrity import verify_step
+    from savepoint.checkpoint.verify import verify_step
 
     base, _ = two_nodes
     results = _results(base)
@@ -175,7 +175,7 @@ def test_resume_from_a_step_missing_a_rank_shard_falls_back(two_nodes, tmp_path,
     """A step committed without rank 1's shard (as before this check existed) counts as corrupt."""
     import shutil
 
-    from savepoint.checkpoint.integrity import manifest_bytes
+    from savepoint.checkpoint.manifest import manifest_bytes
 
     base, _ = two_nodes
     shutil.copytree(base / "shared", tmp_path / "run")

@@ -18,7 +18,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from savepoint.checkpoint.integrity import SIDECAR_SUFFIX, VerifyingReader
+from savepoint.checkpoint.hashing import SIDECAR_SUFFIX
+from savepoint.checkpoint.reader import VerifyingReader
+from savepoint.durable import DCP_MARKER
 from savepoint.errors import CheckpointError, FatalCheckpointError
 from savepoint.safe_io import read_regular, regular_size
 
@@ -57,7 +59,7 @@ def writer_view(staging: Path, rank: int) -> WriterView:
     """This rank's view after its write: rank 0's mark as seen here, and the files this rank's writer wrote.
 
     DCP names a rank's data files ``__<rank>_<n>.distcp``; the writer left a sidecar with the byte
-    count of each (see ``integrity.HashingFileSystem``).
+    count of each (see ``hashing.HashingFileSystem``).
     """
     files: dict[str, int] = {}
     if staging.is_dir():
@@ -107,7 +109,7 @@ def _size(path: Path) -> int | None:
 
 def _missing_from_metadata(staging: Path) -> list[str]:
     """Files that ``.metadata`` (written by DCP's coordinator) places items in, but which are absent or short."""
-    if not (staging / ".metadata").is_file():
+    if not (staging / DCP_MARKER).is_file():
         return []  # a Hugging Face export: rank 0 wrote every file itself
     metadata = VerifyingReader(staging).read_metadata()
     needed: dict[str, int] = {}
@@ -117,7 +119,7 @@ def _missing_from_metadata(staging: Path) -> list[str]:
     for name, end in sorted(needed.items()):
         actual = _size(staging / name)
         if actual is None or actual < end:
-            problems.append(f".metadata places items in {name} up to byte {end}, here "
+            problems.append(f"{DCP_MARKER} places items in {name} up to byte {end}, here "
                             + ("it is missing" if actual is None else f"it has {actual} bytes"))
     return problems
 

@@ -164,7 +164,7 @@ class CheckpointFolder:
         Raises:
             CorruptCheckpointError: something is at ``manifest.json`` but it is not a sound manifest.
         """
-        from savepoint.checkpoint.integrity import read_manifest
+        from savepoint.checkpoint.manifest import read_manifest
 
         return read_manifest(self.step_dir(step))
 

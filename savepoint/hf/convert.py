@@ -64,7 +64,8 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from savepoint.checkpoint.integrity import VerifyingReader, read_manifest
+from savepoint.checkpoint.manifest import read_manifest
+from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.storage import fsync_dir
 from savepoint.errors import CheckpointError, ConfigError, SavepointError

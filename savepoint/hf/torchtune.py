@@ -93,7 +93,7 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
     """
     import torch.distributed.checkpoint as dcp
 
-    from savepoint.checkpoint.integrity import VerifyingReader
+    from savepoint.checkpoint.reader import VerifyingReader
     from savepoint.checkpoint.safe_load import SafeLoadPlanner
 
     step_dir = Path(step_dir)
