@@ -1,9 +1,10 @@
 """The checkpoint folder: step layout, the commit protocol, discovery of committed steps, retention.
 
 A step becomes visible only when complete. Every save writes into a hidden sibling
-``.step-N.partial``; DCP fsyncs its data files and ``.metadata``; we add ``manifest.json``,
-fsync the folder, rename it to ``step-N`` and fsync the parent. A crash before the rename leaves
-only a hidden leftover, which discovery ignores and the next start removes. Re-saving an existing
+``.step-N.partial``; DCP fsyncs its data files and ``.metadata``; we add ``manifest.json`` and
+publish the folder as ``step-N`` (``durable.publish``: fsync, rename, fsync the parent). A crash
+before the rename leaves only a hidden leftover, which discovery ignores and the next start
+removes. Re-saving an existing
 step moves the old one aside first (``.step-N.replaced``), so one of the two is always complete.
 Deletion renames to ``.step-N.trash`` before removing, so a half-deleted step is never visible.
 Anything else in the folder (the writer's ``.savepoint.lock``, a user's notes) is neither a step
@@ -13,7 +14,6 @@ nor a leftover: discovery, cleanup and retention leave it alone.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -23,38 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from savepoint.checkpoint.completeness import leave_mark, remove_mark
+from savepoint.durable import DCP_MARKER, HF_INDEX, MANIFEST, fsync_dir, publish, write_file
 from savepoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 LEFTOVER_RE = re.compile(r"^\.step-(\d+)\.(partial|replaced|trash)$")
-DCP_MARKER = ".metadata"
-HF_MARKER = "model.safetensors.index.json"
-MANIFEST = "manifest.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_durably(path: Path, payload: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_bytes_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def folder_bytes(path: Path) -> int:
@@ -147,12 +122,12 @@ class CheckpointFolder:
         A marker that is a FIFO, symlink or folder still makes a committed step, so that loading it
         reports the damage (and auto-resume falls back) instead of skipping the step unannounced.
         """
-        return os.path.lexists(step_dir / DCP_MARKER) or os.path.lexists(step_dir / HF_MARKER)
+        return os.path.lexists(step_dir / DCP_MARKER) or os.path.lexists(step_dir / HF_INDEX)
 
     def is_hf(self, step: int) -> bool:
         """A committed Hugging Face export (safetensors index, no DCP metadata)."""
         step_dir = self.step_dir(step)
-        return (step_dir / HF_MARKER).is_file() and not (step_dir / DCP_MARKER).is_file()
+        return (step_dir / HF_INDEX).is_file() and not (step_dir / DCP_MARKER).is_file()
 
     def latest_step(self) -> int | None:
         steps = self.committed_steps()
@@ -182,8 +157,7 @@ class CheckpointFolder:
             target = self.step_dir(step)
             if state == "replaced" and not target.exists() and self.is_committed(entry):
                 logger.warning("restoring %s: a re-save of step %d was interrupted", target, step)
-                os.rename(entry, target)
-                fsync_dir(self.root)
+                publish(entry, target)
                 continue
             logger.warning("removing leftover %s from an interrupted save or deletion", entry)
             shutil.rmtree(entry, ignore_errors=True)
@@ -200,24 +174,15 @@ class CheckpointFolder:
     def commit(self, step: int, manifest: bytes) -> Path:
         """Write the manifest (its bytes as given) and atomically publish ``step-N``; returns its path."""
         staging = self.staging_dir(step)
-        if not (staging / DCP_MARKER).is_file() and not (staging / HF_MARKER).is_file():
+        if not (staging / DCP_MARKER).is_file() and not (staging / HF_INDEX).is_file():
             raise CheckpointError(f"refusing to commit {staging}: the writer produced no {DCP_MARKER}")
         remove_mark(staging)
-        write_bytes_durably(staging / MANIFEST, manifest)
-        fsync_dir(staging)
+        write_file(staging / MANIFEST, manifest)
         target = self.step_dir(step)
         replaced = self._hidden(step, "replaced")
-        if target.exists():
-            os.rename(target, replaced)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if replaced.exists() and not target.exists():
-                os.rename(replaced, target)  # put the old step back before reporting the failure
-            raise
+        publish(staging, target, replaced=replaced)  # an old step-N is put back if the rename fails
         # The step is committed from here on: what follows can only warn, never report a failed save.
         try:
-            fsync_dir(self.root)
             if replaced.exists():
                 shutil.rmtree(replaced)
         except OSError as e:

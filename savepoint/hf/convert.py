@@ -67,11 +67,10 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from savepoint.checkpoint.manifest import read_manifest
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
-from savepoint.checkpoint.storage import fsync_dir
+from savepoint.durable import DCP_MARKER, HF_INDEX, publish
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.folder import (
     DEFAULT_SHARD_BYTES,
-    INDEX,
     SINGLE,
     SafetensorsReader,
     StreamingHFWriter,
@@ -87,11 +86,7 @@ MODEL_NAMES = ("llama3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_FLAVOR = "8B"  # TorchTitan's scripts' default, for steps that record none
 KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
-# safetensors dtype names <-> torch dtypes.
 _DIST_WARNING = "torch.distributed is disabled"
-
-
-# ---- flavors and dtypes ----------------------------------------------------------------------------
 
 
 def resolve_flavor(flavor: str | ModelArgs) -> tuple[str, ModelArgs]:
@@ -126,12 +121,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return stored if dtype is None or not stored.is_floating_point else dtype
-
-
-
-
-
-# ---- progress --------------------------------------------------------------------------------------
 
 
 class Progress:
@@ -173,9 +162,6 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             self._show(end="\n")
-
-
-# ---- output folder: partial, then rename -----------------------------------------------------------
 
 
 def partial_path(out_dir: str | Path) -> Path:
@@ -221,13 +207,14 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
         raise CheckpointError(f"cannot create {partial} next to the output folder: {e.strerror or e}") from e
     try:
         yield partial
-        fsync_dir(partial)
         try:
-            os.rename(partial, out)  # replaces an empty folder; fails if one appeared with files in it
+            publish(partial, out)  # takes the place of an empty folder, never of one with files
+        except FileExistsError:
+            raise CheckpointError(f"output folder {out} got files from elsewhere during the conversion; nothing "
+                                  "was written there and it was left as it was. Choose a new output folder") from None
         except OSError as e:
             raise CheckpointError(f"cannot rename {partial} to {out}: {e.strerror or e}; {out} was left as "
                                   "it was") from e
-        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -271,12 +258,6 @@ def _quiet_dcp() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DIST_WARNING)
         yield
-
-
-# ---- HF -> DCP -------------------------------------------------------------------------------------
-
-
-
 
 
 class _FromHFPlanner(DefaultSavePlanner):
@@ -370,12 +351,6 @@ def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | Model
     return Path(os.path.abspath(out_dir))
 
 
-# ---- DCP -> HF -------------------------------------------------------------------------------------
-
-
-
-
-
 def _is_model_key(key: str) -> bool:
     try:
         to_hf_key(key)
@@ -411,20 +386,20 @@ def check_dcp_keys(adapter: Llama3HFAdapter, saved: dict[str, Any], where: str) 
 
 def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
     if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder; point at a DCP checkpoint step folder (holding .metadata)")
-    if not (src / ".metadata").is_file():
+        raise CheckpointError(f"{src} is not a folder; point at a DCP checkpoint step folder (holding {DCP_MARKER})")
+    if not (src / DCP_MARKER).is_file():
         steps = sorted((p.name for p in src.iterdir() if re.fullmatch(r"step-\d+", p.name)),
                        key=lambda s: int(s.split("-")[1]))
         hint = f"; it holds {', '.join(steps)}: point at one of them" if steps else ""
-        if (src / INDEX).is_file() or (src / SINGLE).is_file():
+        if (src / HF_INDEX).is_file() or (src / SINGLE).is_file():
             hint = " (it is a Hugging Face folder already)"
-        raise CheckpointError(f"{src} has no .metadata: it is not a DCP checkpoint step folder{hint}")
+        raise CheckpointError(f"{src} has no {DCP_MARKER}: it is not a DCP checkpoint step folder{hint}")
     try:
         return dict(reader.read_metadata().state_dict_metadata)
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{src}/.metadata is not readable DCP metadata ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{src}/{DCP_MARKER} is not readable DCP metadata ({type(e).__name__}: {e})") from e
 
 
 def recorded_flavor(step_dir: Path) -> str | None:
@@ -532,8 +507,6 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
     bar.close()
     return Path(os.path.abspath(out_dir))
 
-
-# ---- command line ----------------------------------------------------------------------------------
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -22,12 +22,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from savepoint.durable import HF_INDEX, fsync_file, write_json
 from savepoint.errors import CheckpointError
 from savepoint.safe_io import describe_mode, inside, open_regular, read_regular, regular_size
 
 logger = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
+INDEX = HF_INDEX
 SINGLE = "model.safetensors"
 # Files copied from --model.hf_assets_path into an exported folder, besides the weights.
 ASSET_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.tiktoken")
@@ -262,7 +263,7 @@ class HFWriter:
     def _flush(self) -> None:
         path = self.out_dir / f".shard-{len(self.shards) + 1:05d}.tmp"
         save_file(self.pending, str(path), metadata={"format": "pt"})
-        _fsync(path)
+        fsync_file(path)
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -278,8 +279,8 @@ class HFWriter:
             os.replace(tmp, self.out_dir / name)
             names.append(self.out_dir / name)
             weight_map.update(dict.fromkeys(keys, name))
-        _write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
-        _write_json(self.out_dir / "config.json", config)
+        write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        write_json(self.out_dir / "config.json", config)
         if assets is not None:
             copy_assets(Path(assets), self.out_dir, assets_flag)
         return names
@@ -469,7 +470,7 @@ def copy_assets(src: Path, dst: Path, flag: str = "--model.hf_assets_path") -> l
         except (CheckpointError, FileNotFoundError) as e:
             skipped.append(f"{name} ({e})")
             continue
-        _fsync(dst / name)
+        fsync_file(dst / name)
         copied.append(name)
     if skipped:
         logger.warning("the Hugging Face export in %s lacks %s from %s=%s: not a regular file when copied",
@@ -493,16 +494,3 @@ def asset_token_ids(src: Path | None, flag: str) -> tuple[Any, Any]:
             raise CheckpointError(f"{flag}: {src}/config.json has {name}={value!r}; it must be a token id (an "
                                   "integer) or a list of them. Fix the file or point the flag at another folder")
     return ids
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from savepoint.checkpoint.compat import saved_model_keys
+from savepoint.durable import DCP_MARKER, fsync_file, publish
 from savepoint.errors import CheckpointError, SavepointError
 from savepoint.hf.llama3 import map_key
 from savepoint.models.llama3.args import ModelArgs
@@ -97,8 +98,9 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
     from savepoint.checkpoint.safe_load import SafeLoadPlanner
 
     step_dir = Path(step_dir)
-    if not (step_dir / ".metadata").is_file():
-        raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no .metadata); point it at a step-N folder")
+    if not (step_dir / DCP_MARKER).is_file():
+        raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no {DCP_MARKER}); point it at a step-N "
+                              "folder")
     reader = VerifyingReader.for_step(step_dir)
     saved = reader.read_metadata().state_dict_metadata
     shapes = model_shapes(args)
@@ -194,16 +196,25 @@ def convert_to_torchtune(step_dir: str | Path, out_file: str | Path, args: Model
         CheckpointError: ``out_file`` exists, or see ``read_model_state``.
     """
     out = Path(out_file)
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; choose a new output path (it is never overwritten)")
+    if os.path.lexists(out):
+        raise CheckpointError(_exists(out))
     state = to_torchtune_state_dict(step_dir, args, dtype)
     partial = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, partial)
-    with open(partial, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, out)
+    try:
+        torch.save(state, partial)
+        fsync_file(partial)
+        publish(partial, out)  # never replaces a file that appeared at ``out`` meanwhile
+    except FileExistsError:
+        raise CheckpointError(_exists(out)) from None
+    finally:
+        if os.path.lexists(partial):
+            os.unlink(partial)
     return out
+
+
+def _exists(out: Path) -> str:
+    return f"{out} already exists; choose a new output path (it is never overwritten)"
 
 
 def main(argv: list[str]) -> None:
