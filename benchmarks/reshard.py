@@ -58,12 +58,12 @@ from savepoint.checkpoint.states import (  # noqa: E402
 )
 from savepoint.checkpoint.storage import folder_bytes  # noqa: E402
 from savepoint.config.job_config import Checkpoint, Comm, LRScheduler, Optimizer  # noqa: E402
-from savepoint.config.layout import ParallelDims  # noqa: E402
 from savepoint.distributed import build_mesh, init_distributed  # noqa: E402
 from savepoint.models.llama3.args import ModelArgs  # noqa: E402
 from savepoint.models.llama3.model import build_model  # noqa: E402
 from savepoint.models.llama3.parallelize import column_sharded, parallelize_llama  # noqa: E402
 from savepoint.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from savepoint.parallel_dims import ParallelDims  # noqa: E402
 
 SEED = 0
 SEQ_LEN = 16  # tokens of the one training step; even, as sequence parallelism (TP 2) splits it

@@ -57,7 +57,8 @@ def setup_logging() -> None:
 
 
 def _parse_config(argv: list[str], prog: str):
-    from savepoint.config import help_text, parse_args, wants_help
+    from savepoint.config import help_text, wants_help
+    from savepoint.job import parse_args
 
     if wants_help(argv):
         print(help_text(prog, argv=argv, environ=os.environ))  # this job's values next to the defaults
@@ -89,7 +90,7 @@ def cmd_check(argv: list[str]) -> None:
     cfg = _parse_config(argv, "savepoint check")
     world_size = os.environ.get("SAVEPOINT_WORLD_SIZE")
     if world_size:
-        from savepoint.config.layout import resolve_parallel_dims
+        from savepoint.job import resolve_parallel_dims
 
         resolve_parallel_dims(cfg, int(world_size))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -17,9 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from savepoint.config.job_config import Comm
-from savepoint.config.layout import ParallelDims
 from savepoint.errors import ConfigError
+from savepoint.parallel_dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(comm: Comm) -> torch.device:
+class CommSettings(Protocol):
+    """What joining the process group needs: the job's ``[comm]`` section (``savepoint.config.Comm``)."""
+
+    backend: str
+    init_timeout_seconds: int
+
+
+def init_distributed(comm: CommSettings) -> torch.device:
     """Join torchrun's process group (once per process); returns this rank's device.
 
     Raises:

@@ -35,7 +35,7 @@ from savepoint.checkpoint.states import (
     TrainState,
 )
 from savepoint.config import JobConfig, config_to_dict
-from savepoint.config.layout import resolve_parallel_dims
+from savepoint.config.layout import resolve_degrees as resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
 from savepoint.errors import CheckpointError, ConfigError, SavepointError

@@ -11,7 +11,7 @@ import pytest
 from savepoint import cli
 from savepoint.checkpoint import lock as lock_module
 from savepoint.checkpoint import planner
-from savepoint.config import parse_args
+from savepoint.job import parse_args
 
 # The debug model's matrices are far below the 1 MiB tile threshold; lower it so that every
 # checkpoint the tests write (and reshard) stores its matrices as column tiles.

@@ -13,12 +13,12 @@ from savepoint.config import (
     config_to_dict,
     config_to_toml,
     help_text,
-    parse_args,
     validate,
     wants_help,
 )
 from savepoint.config.manager import field_docs
 from savepoint.errors import ConfigError
+from savepoint.job import parse_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_ENV: dict[str, str] = {}

@@ -53,6 +53,14 @@ def test_tokenizer_special_ids():
 # ------------------------------------------------------------------------------------- token stream
 
 
+def test_byte_vocabulary_fits_the_debug_flavor():
+    """The debug flavor trains on the byte tokenizer: every id it emits has an embedding row, and no row is idle."""
+    from savepoint.models.llama3.args import LLAMA3_FLAVORS
+
+    assert LLAMA3_FLAVORS["debugmodel"].vocab_size == VOCAB_SIZE
+    assert max(BOS_ID, EOS_ID, 255) < LLAMA3_FLAVORS["debugmodel"].vocab_size
+
+
 def test_pydocs_stream_is_nontrivial_and_deterministic():
     tokens = load_token_stream("pydocs")
     assert tokens.dtype == torch.int64 and tokens.dim() == 1

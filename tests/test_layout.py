@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from savepoint.config.layout import ParallelDims, layout_problems, resolve_parallel_dims
 from savepoint.errors import ConfigError, NotSupportedYet
+from savepoint.job import layout_problems, resolve_parallel_dims
+from savepoint.parallel_dims import ParallelDims
 from tests.conftest import make_config
 
 

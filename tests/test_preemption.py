@@ -126,8 +126,8 @@ def test_save_slower_than_the_grace_period_exits_nonzero(tmp_path):
 
 
 def test_bad_grace_period_is_a_config_error():
-    from savepoint.config import parse_args
     from savepoint.errors import ConfigError
+    from savepoint.job import parse_args
 
     with pytest.raises(ConfigError, match=r"--checkpoint.preemption_grace_seconds must be finite and > 0"):
         parse_args(["--checkpoint.preemption_grace_seconds", "0"], environ={})

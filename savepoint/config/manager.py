@@ -2,7 +2,8 @@
 
 Precedence is CLI > TOML > dataclass defaults. Every problem found on the way (TOML syntax,
 unknown sections or keys, wrong types, stray arguments, then semantic checks from
-:mod:`savepoint.config.validate`) is collected and raised as one :class:`ConfigError`.
+:mod:`savepoint.config.validate`, then the caller's extra checks) is collected and raised as one
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,11 +319,17 @@ def _apply(cfg: JobConfig, overrides: list[_Override]) -> None:
         setattr(getattr(cfg, opt.section), opt.name, value)
 
 
-def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> JobConfig:
+Check = Callable[[JobConfig], list[str]]
+
+
+def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+               checks: Sequence[Check] = ()) -> JobConfig:
     """Build the job config from defaults, the TOML file and ``argv`` (CLI > TOML > defaults).
 
     The TOML file is ``--job.config_file PATH``, else ``$CONFIG_FILE`` when set and non-empty.
     ``argv`` excludes the program name; ``--help`` is not handled here (see :func:`wants_help`).
+    ``checks`` run after :func:`validate`, each returning its problems: the checks that need to
+    know more than the config (``savepoint.job`` passes the model's).
 
     Raises:
         ConfigError: listing every problem in the file, the command line and the values.
@@ -343,6 +350,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     cfg.job.config_file = path
     problems += cli_problems
     problems += validate(cfg)
+    for check in checks:
+        problems += check(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

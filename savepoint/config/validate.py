@@ -25,8 +25,7 @@ from savepoint.config.job_config import (
     Parallelism,
     Training,
 )
-from savepoint.config.layout import seed_checkpoint_problems, tensor_parallel_problems
-from savepoint.models.llama3.args import LLAMA3_FLAVORS
+from savepoint.config.layout import seed_checkpoint_problems
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
@@ -44,7 +43,7 @@ def _finite(value: float) -> bool:
     return math.isfinite(value)
 
 
-def _need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
+def need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
     """One problem if not ok: the flag, its bad value, and what to set instead."""
     if ok:
         return []
@@ -55,7 +54,7 @@ def _need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
     ]
 
 
-def _one_of(flag: str, value: str, choices: Sequence[str]) -> list[str]:
+def one_of(flag: str, value: str, choices: Sequence[str]) -> list[str]:
     """One problem if value is not a choice, with the closest choice suggested."""
     if value in choices:
         return []
@@ -94,19 +93,19 @@ def _exclude_problems(ckpt: Checkpoint) -> list[str]:
 def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
     ckpt.async_mode = str(ckpt.async_mode).strip().lower()
     p = "--checkpoint."
-    problems = _need(f"{p}interval", ckpt.interval, ckpt.interval >= 1, ">= 1 (save every N steps)")
-    problems += _need(
+    problems = need(f"{p}interval", ckpt.interval, ckpt.interval >= 1, ">= 1 (save every N steps)")
+    problems += need(
         f"{p}keep_latest_k", ckpt.keep_latest_k, ckpt.keep_latest_k >= 0, ">= 0 (0 keeps all)"
     )
-    problems += _need(
+    problems += need(
         f"{p}load_step", ckpt.load_step, ckpt.load_step >= -1, ">= -1 (-1 loads the latest step)"
     )
-    problems += _need(f"{p}folder", ckpt.folder, bool(ckpt.folder.strip()), "a non-blank path")
-    problems += _need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
+    problems += need(f"{p}folder", ckpt.folder, bool(ckpt.folder.strip()), "a non-blank path")
+    problems += need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
                       _finite(ckpt.preemption_grace_seconds) and ckpt.preemption_grace_seconds > 0,
                       "finite and > 0 (seconds to save after SIGTERM)")
-    problems += _one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
-    problems += _one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
+    problems += one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
+    problems += one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
     problems += _exclude_problems(ckpt)
     if ckpt.last_save_in_hf and not ckpt.last_save_model_only:
         problems.append(
@@ -128,44 +127,34 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
 
 
 def _model_problems(model: Model) -> list[str]:
-    problems = _one_of("--model.name", model.name, ("llama3",))
-    problems += _one_of("--model.flavor", model.flavor, tuple(LLAMA3_FLAVORS))
-    return problems
+    """The model family; its flavor, and what the flavor allows, are checked by ``savepoint.job``."""
+    return one_of("--model.name", model.name, ("llama3",))
 
 
-def _training_problems(t: Training, flavor: str) -> list[str]:
+def _training_problems(t: Training) -> list[str]:
     p = "--training."
-    problems = _need(f"{p}steps", t.steps, t.steps >= 1, ">= 1")
-    problems += _need(f"{p}local_batch_size", t.local_batch_size, t.local_batch_size >= 1, ">= 1")
-    problems += _seq_len_problems(t.seq_len, flavor)
-    problems += _need(f"{p}max_norm", t.max_norm, _finite(t.max_norm) and t.max_norm >= 0,
+    problems = need(f"{p}steps", t.steps, t.steps >= 1, ">= 1")
+    problems += need(f"{p}local_batch_size", t.local_batch_size, t.local_batch_size >= 1, ">= 1")
+    problems += need(f"{p}seq_len", t.seq_len, t.seq_len >= 1, ">= 1")  # the upper bound is the flavor's
+    problems += need(f"{p}max_norm", t.max_norm, _finite(t.max_norm) and t.max_norm >= 0,
                       "finite and >= 0 (0 disables clipping)")
-    problems += _need(f"{p}seed", t.seed, 0 <= t.seed <= MAX_SEED, f"between 0 and {MAX_SEED} (2**32 - 1)")
-    problems += _one_of(f"{p}mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
-    problems += _one_of(f"{p}mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
+    problems += need(f"{p}seed", t.seed, 0 <= t.seed <= MAX_SEED, f"between 0 and {MAX_SEED} (2**32 - 1)")
+    problems += one_of(f"{p}mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
+    problems += one_of(f"{p}mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     return problems
-
-
-def _seq_len_problems(seq_len: int, flavor: str) -> list[str]:
-    """At least 1 token, at most the context the flavor's RoPE tables are built for (Llama 3.1: 131072)."""
-    if seq_len < 1 or flavor not in LLAMA3_FLAVORS:
-        return _need("--training.seq_len", seq_len, seq_len >= 1, ">= 1")
-    longest = LLAMA3_FLAVORS[flavor].max_seq_len
-    return _need("--training.seq_len", seq_len, seq_len <= longest,
-                 f"between 1 and {longest}, the longest context of --model.flavor {flavor}")
 
 
 def _optimizer_problems(opt: Optimizer) -> list[str]:
     o = "--optimizer."
-    problems = _one_of(f"{o}name", opt.name, ("AdamW",))
-    problems += _need(f"{o}lr", opt.lr, _finite(opt.lr) and opt.lr > 0, "finite and > 0")
+    problems = one_of(f"{o}name", opt.name, ("AdamW",))
+    problems += need(f"{o}lr", opt.lr, _finite(opt.lr) and opt.lr > 0, "finite and > 0")
     for name in ("beta1", "beta2"):
         beta = getattr(opt, name)
-        problems += _need(f"{o}{name}", beta, 0 <= beta < 1, "in [0, 1) (AdamW's moment decay)")
-    problems += _need(f"{o}eps", opt.eps, _finite(opt.eps) and opt.eps > 0, "finite and > 0")
-    problems += _need(f"{o}weight_decay", opt.weight_decay, _finite(opt.weight_decay) and opt.weight_decay >= 0,
+        problems += need(f"{o}{name}", beta, 0 <= beta < 1, "in [0, 1) (AdamW's moment decay)")
+    problems += need(f"{o}eps", opt.eps, _finite(opt.eps) and opt.eps > 0, "finite and > 0")
+    problems += need(f"{o}weight_decay", opt.weight_decay, _finite(opt.weight_decay) and opt.weight_decay >= 0,
                       "finite and >= 0 (0 disables weight decay)")
-    problems += _one_of(
+    problems += one_of(
         "--optimizer.implementation", opt.implementation, OPTIMIZER_IMPLEMENTATIONS
     )
     return problems
@@ -173,11 +162,11 @@ def _optimizer_problems(opt: Optimizer) -> list[str]:
 
 def _lr_scheduler_problems(s: LRScheduler) -> list[str]:
     p = "--lr_scheduler."
-    problems = _need(f"{p}warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0")
-    problems += _one_of(f"{p}decay_type", s.decay_type, DECAY_TYPES)
+    problems = need(f"{p}warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0")
+    problems += one_of(f"{p}decay_type", s.decay_type, DECAY_TYPES)
     ratio_ok = s.decay_ratio is None or 0 <= s.decay_ratio <= 1
-    problems += _need(f"{p}decay_ratio", s.decay_ratio, ratio_ok, "none or between 0 and 1")
-    problems += _need(
+    problems += need(f"{p}decay_ratio", s.decay_ratio, ratio_ok, "none or between 0 and 1")
+    problems += need(
         f"{p}min_lr_factor", s.min_lr_factor, 0 <= s.min_lr_factor <= 1, "between 0 and 1"
     )
     return problems
@@ -191,14 +180,14 @@ def _parallelism_problems(par: Parallelism) -> list[str]:
             ok, requirement = degree == -1 or degree >= 1, "-1 (fill the rest) or >= 1"
         else:
             ok, requirement = degree >= 1, ">= 1"
-        problems += _need(f"--parallelism.{f.name}", degree, ok, requirement)
+        problems += need(f"--parallelism.{f.name}", degree, ok, requirement)
     return problems
 
 
 def _comm_problems(c: Comm) -> list[str]:
     c.backend = str(c.backend).strip().lower()
-    problems = _one_of("--comm.backend", c.backend, ("auto", "gloo", "nccl"))
-    problems += _need("--comm.init_timeout_seconds", c.init_timeout_seconds, c.init_timeout_seconds >= 1, ">= 1")
+    problems = one_of("--comm.backend", c.backend, ("auto", "gloo", "nccl"))
+    problems += need("--comm.init_timeout_seconds", c.init_timeout_seconds, c.init_timeout_seconds >= 1, ">= 1")
     return problems
 
 
@@ -210,7 +199,7 @@ def dump_folder_problems(folder: str) -> list[str]:
     """
     flag = "--job.dump_folder"
     if not folder.strip():
-        return _need(flag, folder, False, "a non-blank path")
+        return need(flag, folder, False, "a non-blank path")
     path = Path(folder).absolute()
     for part in (path, *path.parents):
         try:
@@ -228,7 +217,7 @@ def dump_folder_problems(folder: str) -> list[str]:
 
 
 def _metrics_problems(m: Metrics) -> list[str]:
-    return _need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
+    return need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
 
 
 def validate(cfg: JobConfig) -> list[str]:
@@ -236,18 +225,18 @@ def validate(cfg: JobConfig) -> list[str]:
 
     Values are assumed well typed (``parse_args`` guarantees it). Normalises
     ``checkpoint.async_mode`` to lower case and ``checkpoint.exclude_from_loading``
-    to canonical, de-duplicated state names.
+    to canonical, de-duplicated state names. What depends on the model (the flavor, and the
+    sequence length and tensor-parallel degree it allows) is checked by ``savepoint.job``.
     """
     return (
         _checkpoint_problems(cfg.checkpoint)
         + _model_problems(cfg.model)
         + dump_folder_problems(cfg.job.dump_folder)
-        + _training_problems(cfg.training, cfg.model.flavor)
+        + _training_problems(cfg.training)
         + _optimizer_problems(cfg.optimizer)
         + _lr_scheduler_problems(cfg.lr_scheduler)
         + _parallelism_problems(cfg.parallelism)
         + _metrics_problems(cfg.metrics)
         + _comm_problems(cfg.comm)
         + seed_checkpoint_problems(cfg, world_size=None)
-        + tensor_parallel_problems(cfg, cfg.parallelism.tensor_parallel_degree)
     )

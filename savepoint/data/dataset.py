@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from savepoint.checkpoint.states import check_count
 from savepoint.data.tokenizer import ByteTokenizer
 from savepoint.errors import SavepointError
+from savepoint.values import check_count
 
 logger = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ import torch
 from savepoint import cli
 from savepoint.checkpoint import CheckpointManager
 from savepoint.checkpoint.verify import verify_step
-from savepoint.config import parse_args
 from savepoint.errors import CheckpointError
+from savepoint.job import parse_args
 from savepoint.train import Trainer
 from tests.trials.common import finish, quiet_log
 from tests.trials.common import job_argv as _job_argv

@@ -29,7 +29,7 @@ from typing import Any
 # Imported once in the harness process, before any fork. Nothing here runs torch compute.
 import torch
 
-from savepoint.config import parse_args
+from savepoint.job import parse_args
 from savepoint.train import Trainer
 from tests.trials.folder import classify_phase
 from tests.trials.job import RUN_TIMEOUT_S, JobSpec, Reference, TrialResult, checkpoint_root, reference_losses

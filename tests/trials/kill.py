@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from savepoint.config import parse_args
+from savepoint.job import parse_args
 from savepoint.train import Trainer
 from tests.trials.common import finish, quiet_log
 from tests.trials.forked import reference_run, run_trial

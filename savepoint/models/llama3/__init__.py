@@ -1,6 +1,6 @@
 """Llama 3: model, flavors and the parallelize plan.
 
-``args`` is torch-free (config validation imports it); the torch parts load on first use.
+``args`` is torch-free (``savepoint.job`` checks configs against it); the torch parts load on first use.
 """
 
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs

@@ -20,8 +20,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from savepoint.config.layout import ParallelDims
 from savepoint.models.llama3.model import Transformer
+from savepoint.parallel_dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
