@@ -48,7 +48,8 @@ import sys, json
 sys.path.insert(0, {root!r})
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 LLAMA3_FLAVORS["bench"] = ModelArgs(**json.loads({model!r}))
-from savepoint.hf import convert
+from savepoint import convert
+from savepoint.convert import dcp_hf
 {variant}
 code = convert.main({argv!r})
 """ + "\n"
@@ -62,7 +63,7 @@ VARIANTS = {
         "        super().__init__(out_dir, max_shard_bytes)\n"
         "    def close(self):\n"
         "        pass\n"
-        "convert.StreamingHFWriter = W"
+        "dcp_hf.StreamingHFWriter = W"
     ),
 }
 
@@ -127,8 +128,8 @@ def main() -> None:
 
         rows: list[tuple[str, float, float]] = []
         rows.append(("baseline: import torch", *measure("import torch")))
-        rows.append(("baseline: import savepoint.hf.convert",
-                     *measure(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import savepoint.hf.convert")))
+        rows.append(("baseline: import savepoint.convert",
+                     *measure(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import savepoint.convert")))
         hf, dcp_dir = str(work / "hf"), str(work / "dcp")
         rows.append(("from_hf  bf16 HF -> fp32 DCP",
                      *measure(convert_code(["from_hf", hf, dcp_dir, "--model_flavor", "bench"]))))

@@ -145,11 +145,11 @@ def cmd_convert(argv: list[str]) -> None:
     if argv[0] not in CONVERSIONS:
         raise SavepointError(_unknown("conversion", argv[0], CONVERSIONS, "savepoint convert --help"))
     if argv[0] == "to_torchtune":
-        from savepoint.hf.torchtune import main as to_torchtune
+        from savepoint.convert.torchtune import main as to_torchtune
 
         to_torchtune(argv[1:])
         return
-    from savepoint.hf.convert import run
+    from savepoint.convert.cli import run
 
     run(argv)
 

@@ -364,7 +364,7 @@ LOADED_VALUE_CASES: dict[str, Case] = {  # values a Stateful restores, config va
 }
 def _hf_copy(dump: Path, damage: Callable[[Path], None]) -> list[str]:
     """Export step-10 as an HF folder ``{dump}/hf``, damage it, and start a new run from it."""
-    from savepoint.hf.convert import convert_to_hf
+    from savepoint.convert import convert_to_hf
 
     convert_to_hf(dump / "checkpoint/step-10", dump / "hf", "debugmodel", progress=False)
     damage(dump / "hf")

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorProperties, TensorStorageMetadata
 
+from savepoint import convert
 from savepoint.checkpoint.planner import TiledSavePlanner
+from savepoint.convert import Progress, check_dcp_keys, convert_from_hf, convert_to_hf, main, partial_path
 from savepoint.errors import CheckpointError, ConfigError
-from savepoint.hf import convert
-from savepoint.hf.convert import Progress, check_dcp_keys, convert_from_hf, convert_to_hf, main, partial_path
 from savepoint.hf.llama3 import (
     Llama3HFAdapter,
     check_hf_config,

@@ -12,14 +12,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from savepoint.checkpoint.compat import save_v03_model_checkpoint
-from savepoint.errors import CheckpointError, SavepointError
-from savepoint.hf.torchtune import (
+from savepoint.convert.torchtune import (
     build_torchtune_model,
     from_torchtune,
     to_torchtune,
     to_torchtune_state_dict,
     torchtune_builder,
 )
+from savepoint.errors import CheckpointError, SavepointError
 from savepoint.models.llama3 import LLAMA3_FLAVORS, ModelArgs, build_model
 
 pytest.importorskip("torchtune")
@@ -133,7 +133,7 @@ def test_convert_to_torchtune_command(tmp_path):
     import subprocess
     import sys
 
-    from savepoint.hf.torchtune import build_torchtune_model
+    from savepoint.convert.torchtune import build_torchtune_model
     from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
     from tests.conftest import ROOT
 

@@ -41,7 +41,8 @@ from savepoint.errors import (
     NotSupportedYet,
     UnsafeCheckpointError,
 )
-from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter, check_export_assets
+from savepoint.hf.assets import check_export_assets
+from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
 from savepoint.hf.llama3 import Llama3HFAdapter, to_hf_key
 
 logger = logging.getLogger(__name__)

@@ -1,1 +1,4 @@
-"""Hugging Face interop: the Llama 3 key map and RoPE permutation, safetensors folders in and out."""
+"""Hugging Face formats: safetensors folders in and out (folder, files, assets), the Llama 3 key map and adapter.
+
+Nothing here imports ``savepoint.checkpoint`` or the converters (``savepoint.convert``).
+"""

@@ -9,11 +9,8 @@ of tensors in memory.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import shutil
-import stat
 import struct
 from pathlib import Path
 from typing import IO, Any
@@ -24,20 +21,13 @@ from safetensors.torch import save_file
 
 from savepoint.durable import HF_INDEX, fsync_file, write_json
 from savepoint.errors import CheckpointError
-from savepoint.safe_io import describe_mode, inside, open_regular, read_regular, regular_size
+from savepoint.hf.assets import copy_assets
+from savepoint.hf.files import CONFIG_LIMIT, INDEX_LIMIT, hf_file, parse_json, read_json
+from savepoint.safe_io import open_regular, regular_size
 
-logger = logging.getLogger(__name__)
-
-INDEX = HF_INDEX
 SINGLE = "model.safetensors"
-# Files copied from --model.hf_assets_path into an exported folder, besides the weights.
-ASSET_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.tiktoken")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-# Read bounds: a real config.json is a few kB, a 405B index ~100 kB; safetensors itself caps headers at 100 MB.
-CONFIG_LIMIT = 4 * 1024**2
-INDEX_LIMIT = 64 * 1024**2
-HEADER_LIMIT = 100_000_000
-ASSET_LIMIT = 1024**3  # a tokenizer file is at most a few tens of MB
+HEADER_LIMIT = 100_000_000  # safetensors itself caps headers at 100 MB
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -64,7 +54,7 @@ class HFFolder:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path} is not a folder; point at a Hugging Face model folder "
-                                  f"(holding {SINGLE} or {INDEX})")
+                                  f"(holding {SINGLE} or {HF_INDEX})")
         self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # key -> (file, shape, dtype)
         self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (data start, header)
         for file in self._files():
@@ -77,13 +67,13 @@ class HFFolder:
         self._open: dict[Path, object] = {}
 
     def _files(self) -> list[Path]:
-        index = self.path / INDEX
+        index = self.path / HF_INDEX
         if os.path.lexists(index):
             weight_map = read_json(index, INDEX_LIMIT, "safetensors index").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index} is not a valid safetensors index: it needs a \"weight_map\" object "
                                       "from tensor names to file names; re-download or re-export it")
-            files = sorted({hf_file(self.path, name, f"file named by {INDEX}") for name in weight_map.values()})
+            files = sorted({hf_file(self.path, name, f"file named by {HF_INDEX}") for name in weight_map.values()})
             missing = [f.name for f in files if not os.path.lexists(f)]
             if missing:
                 raise CheckpointError(f"{index} names files that are not in {self.path}: {missing[:3]}")
@@ -108,7 +98,7 @@ class HFFolder:
                 if length > min(HEADER_LIMIT, size - 8):
                     raise CheckpointError(f"{bad} (its header claims {length:,} bytes, the file has {size:,}); "
                                           "re-download or re-export it")
-                header = _parse_json(f.read(length), file, "safetensors file")
+                header = parse_json(f.read(length), file, "safetensors file")
         except FileNotFoundError:
             raise CheckpointError(f"{file} is missing; re-download or re-export the folder") from None
         header.pop("__metadata__", None)
@@ -153,47 +143,6 @@ class HFFolder:
         return sum(f.stat().st_size for f in {file for file, _, _ in self.entries.values()})
 
 
-def hub_blob(root: Path, path: Path) -> Path | None:
-    """The blob a Hugging Face cache link stands for, or None when ``path`` is not such a link.
-
-    ``huggingface_hub`` downloads into ``<repo>/blobs/<hash>`` and links each file of
-    ``<repo>/snapshots/<revision>/`` to its blob. Such a link is followed, but only when ``root``
-    is a snapshot folder and the link resolves to a regular file directly in that repo's
-    ``blobs/``; any other link is refused, so a crafted folder cannot lead a read (or an export's
-    copy) to ``/etc/shadow`` or ``/proc/self/environ``.
-    """
-    if not path.is_symlink():
-        return None
-    snapshot = root.resolve()
-    if snapshot.parent.name != "snapshots":
-        return None
-    blobs = snapshot.parent.parent / "blobs"
-    target = path.resolve()
-    if target.parent != blobs or not target.is_file() or target.is_symlink():
-        return None
-    return target
-
-
-def hf_file(root: Path, name: str, what: str) -> Path:
-    """The file to open for a file an HF folder names: ``root / name``, or its blob in the HF cache.
-
-    Raises:
-        CheckpointError: ``name`` is absolute, has ``..``, or is (or passes through) a symlink other
-            than a Hugging Face cache link (see ``hub_blob``).
-    """
-    path = root / name
-    if not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_symlink():
-        blob = hub_blob(root, path)
-        if blob is not None and inside(root, str(Path(name).parent), what) is not None:
-            return blob
-        raise CheckpointError(
-            f"{path} is a symbolic link: savepoint reads only regular files inside the Hugging Face folder (or, in "
-            "a Hugging Face cache snapshot, links into that repo's blobs/), so it was not followed. Copy the real "
-            "files into a folder (`cp -rL SRC DST`, or `hf download REPO --local-dir DST`, which writes no links) "
-            "and point at that")
-    return inside(root, name, what)  # absolute names, `..` and links further up
-
-
 def _entry_problem(info: Any, data_bytes: int) -> str | None:
     """Why a safetensors header entry is malformed, or None."""
     if not isinstance(info, dict):
@@ -207,33 +156,6 @@ def _entry_problem(info: Any, data_bytes: int) -> str | None:
             and 0 <= offsets[0] <= offsets[1] <= data_bytes):
         return f"has data_offsets {offsets!r}, outside the file's {data_bytes:,} data bytes"
     return None
-
-
-def _parse_json(raw: bytes, path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except RecursionError:
-        raise CheckpointError(f"{path} is not a valid {what}: its JSON nests too deeply; re-download or re-create it")\
-            from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid {what}: not JSON ({e}); re-download or re-create it") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} is not a valid {what}: it holds a JSON {type(value).__name__}, not an "
-                              "object; re-download or re-create it")
-    return value
-
-
-def read_json(path: Path, limit: int, what: str) -> dict[str, Any]:
-    """A JSON object from a regular file of at most ``limit`` bytes.
-
-    Raises:
-        CheckpointError: it is missing, not a regular file, too big, not JSON, or not an object.
-    """
-    try:
-        raw = read_regular(hub_blob(path.parent, path) or path, limit, what)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    return _parse_json(raw, path, what)
 
 
 class HFWriter:
@@ -279,7 +201,7 @@ class HFWriter:
             os.replace(tmp, self.out_dir / name)
             names.append(self.out_dir / name)
             weight_map.update(dict.fromkeys(keys, name))
-        write_json(self.out_dir / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        write_json(self.out_dir / HF_INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
         write_json(self.out_dir / "config.json", config)
         if assets is not None:
             copy_assets(Path(assets), self.out_dir, assets_flag)
@@ -394,103 +316,3 @@ class StreamingHFWriter(HFWriter):
             self._file = None
 
 
-def asset_files(src: Path, flag: str) -> dict[str, Path]:
-    """The tokenizer and generation files of ``src`` that an export copies (``ASSET_PATTERNS``), by name.
-
-    Each maps to the file to read: itself, or in a Hugging Face cache snapshot the blob it links to.
-
-    Only regular files are copied, never through a symlink: a link named ``tokenizer.json`` could
-    point at ``/etc/shadow`` or ``/proc/self/environ``, and the export is made to be shared.
-    Folders matching a pattern are not files and are passed over.
-
-    Raises:
-        CheckpointError: ``src`` is not a folder, or a matching name is a symlink, FIFO, device or
-            socket, or a file too big to be a tokenizer (naming it and ``flag``).
-    """
-    if not src.is_dir():
-        raise CheckpointError(f"{flag}={src} is not a folder; point it at the HF model folder holding the "
-                              "tokenizer files, or leave it unset")
-    files = {}
-    for name in sorted({p.name for pattern in ASSET_PATTERNS for p in src.glob(pattern)}):
-        path = src / name
-        mode = os.lstat(path).st_mode
-        blob = hub_blob(src, path)
-        if blob is not None:  # a Hugging Face cache snapshot's link into its repo's blobs/
-            path, mode = blob, os.lstat(blob).st_mode
-        if stat.S_ISDIR(mode):
-            continue
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(
-                f"{flag}: {path} is {describe_mode(mode)}, not a regular file; an export copies only regular files "
-                "(never through a link), so it would lack this one. Put the real file there (`cp -L`), or point "
-                f"{flag} at a folder of real files (`hf download REPO --local-dir DST` writes no links)")
-        if os.lstat(path).st_size > ASSET_LIMIT:
-            raise CheckpointError(f"{flag}: {path} is {os.lstat(path).st_size:,} bytes, more than a tokenizer file "
-                                  f"can be ({ASSET_LIMIT:,}); remove it from the folder")
-        files[name] = path
-    return files
-
-
-def check_export_assets(src: str | Path | None, flag: str) -> tuple[Any, Any]:
-    """Check the assets folder of an export before anything is written; returns its (bos, eos) token ids.
-
-    Without a folder, or with one holding no tokenizer files, the export still loads in
-    transformers but cannot tokenize or generate: that is a warning naming ``flag``.
-
-    Raises:
-        CheckpointError: see ``asset_files`` and ``asset_token_ids``.
-    """
-    if src is None:
-        logger.warning("%s is not set: the Hugging Face export will have no tokenizer files and no "
-                       "generation_config.json, and bos_token_id/eos_token_id null in its config.json; set %s to the "
-                       "original HF model folder to include them", flag, flag)
-        return None, None
-    src = Path(src)
-    if not asset_files(src, flag):
-        logger.warning("%s=%s holds no tokenizer files (%s): the Hugging Face export will have none; point %s at the "
-                       "original HF model folder", flag, src, ", ".join(ASSET_PATTERNS), flag)
-    return asset_token_ids(src, flag)
-
-
-def copy_assets(src: Path, dst: Path, flag: str = "--model.hf_assets_path") -> list[str]:
-    """Copy tokenizer and generation files (never weights, index or config) from ``src`` to ``dst``.
-
-    A name that is not a regular file by the time it is copied (a link or FIFO put there after
-    ``asset_files`` checked the folder) is skipped with a warning: the weights matter more than
-    one tokenizer file. Returns the names copied.
-
-    Raises:
-        CheckpointError: see ``asset_files``.
-    """
-    copied, skipped = [], []
-    for name, path in asset_files(src, flag).items():
-        try:
-            with open_regular(path, "tokenizer file") as f, open(dst / name, "xb") as out:
-                shutil.copyfileobj(f, out)
-        except (CheckpointError, FileNotFoundError) as e:
-            skipped.append(f"{name} ({e})")
-            continue
-        fsync_file(dst / name)
-        copied.append(name)
-    if skipped:
-        logger.warning("the Hugging Face export in %s lacks %s from %s=%s: not a regular file when copied",
-                       dst, "; ".join(skipped), flag, src)
-    return copied
-
-
-def asset_token_ids(src: Path | None, flag: str) -> tuple[Any, Any]:
-    """bos/eos token ids from the assets folder's ``config.json``, when it has one (else None, None).
-
-    Raises:
-        CheckpointError: that config.json is not a regular JSON object, or its ids are not integers.
-    """
-    if src is None or not os.path.lexists(src / "config.json"):
-        return None, None
-    config = read_json(src / "config.json", CONFIG_LIMIT, f"model config ({flag})")
-    ids = config.get("bos_token_id"), config.get("eos_token_id")
-    for name, value in zip(("bos_token_id", "eos_token_id"), ids, strict=True):
-        values = value if isinstance(value, list) else [value]
-        if value is not None and not all(type(v) is int for v in values):
-            raise CheckpointError(f"{flag}: {src}/config.json has {name}={value!r}; it must be a token id (an "
-                                  "integer) or a list of them. Fix the file or point the flag at another folder")
-    return ids

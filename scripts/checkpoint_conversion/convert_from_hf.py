@@ -5,7 +5,7 @@
 
 The output (``.metadata`` + ``__0_0.distcp``, float32 by default) is what
 ``--checkpoint.initial_load_path`` loads, or put it at ``<checkpoint folder>/step-0``. Runs from any
-directory; see ``savepoint/hf/convert.py``.
+directory; see ``savepoint/convert/``.
 """
 
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from savepoint.hf.convert import main  # noqa: E402
+from savepoint.convert.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["from_hf", *sys.argv[1:]], prog=Path(__file__).name))

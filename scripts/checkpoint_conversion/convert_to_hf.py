@@ -9,7 +9,7 @@ INPUT_DIR is a ``step-N`` folder, full training or model-only, saved at any worl
 one); a given flavor must match the recorded one. The output holds the weights,
 ``model.safetensors.index.json``, ``config.json`` and the tokenizer files of ``--hf_assets_path``
 (regular files only; without it, a warning: the export has no tokenizer). Runs from any directory;
-see ``savepoint/hf/convert.py``.
+see ``savepoint/convert/``.
 """
 
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from savepoint.hf.convert import main  # noqa: E402
+from savepoint.convert.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["to_hf", *sys.argv[1:]], prog=Path(__file__).name))

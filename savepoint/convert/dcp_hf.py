@@ -37,24 +37,20 @@ is refused if it holds NaN or inf, and an error names the first bad tensor or va
 leaves no OUT); an existing non-empty OUT is refused and never touched.
 
 The scripts ``scripts/checkpoint_conversion/convert_{from,to}_hf.py`` and ``savepoint convert`` both
-come through ``run``/``main`` here.
+come through ``run``/``main`` in ``savepoint/convert/cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import os
 import re
-import shutil
-import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -64,43 +60,23 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from savepoint.checkpoint.manifest import read_manifest
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
-from savepoint.durable import DCP_MARKER, HF_INDEX, publish
+from savepoint.convert.flavors import resolve_flavor, step_flavor
+from savepoint.convert.output import check_output, staged_output
+from savepoint.convert.progress import Progress
+from savepoint.durable import DCP_MARKER, HF_INDEX
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
-from savepoint.hf.folder import (
-    DEFAULT_SHARD_BYTES,
-    SINGLE,
-    SafetensorsReader,
-    StreamingHFWriter,
-    check_export_assets,
-    nbytes_of,
-)
+from savepoint.hf.assets import check_export_assets
+from savepoint.hf.folder import DEFAULT_SHARD_BYTES, SINGLE, SafetensorsReader, StreamingHFWriter, nbytes_of
 from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
-from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
+from savepoint.models.llama3.args import ModelArgs
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("llama3",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_FLAVOR = "8B"  # TorchTitan's scripts' default, for steps that record none
 KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
 _DIST_WARNING = "torch.distributed is disabled"
-
-
-def resolve_flavor(flavor: str | ModelArgs) -> tuple[str, ModelArgs]:
-    """(name, args) for a flavor name or a ``ModelArgs`` (named ``custom``).
-
-    Raises:
-        ConfigError: an unknown flavor name.
-    """
-    if isinstance(flavor, ModelArgs):
-        return "custom", flavor
-    if flavor not in LLAMA3_FLAVORS:
-        raise ConfigError([f"--model_flavor {flavor!r} is not a Llama 3 flavor; choose from "
-                           f"{', '.join(LLAMA3_FLAVORS)}"])
-    return flavor, LLAMA3_FLAVORS[flavor]
 
 
 def _dtype(name: str, option: str, keep_ok: bool = False) -> torch.dtype | None:
@@ -121,103 +97,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return stored if dtype is None or not stored.is_floating_point else dtype
-
-
-class Progress:
-    """One updating line on stderr (tensors done / total, MB, MB/s); on a non-terminal, only the final line."""
-
-    def __init__(self, label: str, total_items: int, total_bytes: int, enabled: bool = True,
-                 stream: IO[str] | None = None, interval: float = 0.1):
-        self.label, self.total_items, self.total_bytes = label, total_items, total_bytes
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.live = enabled and getattr(self.stream, "isatty", lambda: False)()
-        self.interval = interval
-        self.items = self.bytes = 0
-        self.start = self.last = time.perf_counter()
-        self.width = 0
-
-    def line(self) -> str:
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        mb, total_mb = self.bytes / 1e6, self.total_bytes / 1e6
-        digits = 0 if total_mb >= 100 else 1
-        return (f"{self.label}: {self.items}/{self.total_items} tensors, {mb:,.{digits}f}/{total_mb:,.{digits}f} MB, "
-                f"{mb / seconds:,.0f} MB/s, {seconds:.1f} s")
-
-    def update(self, nbytes: int) -> None:
-        self.items += 1
-        self.bytes += nbytes
-        now = time.perf_counter()
-        if self.live and (now - self.last >= self.interval or self.items == self.total_items):
-            self.last = now
-            self._show(end="")
-
-    def _show(self, end: str) -> None:
-        text = self.line()
-        pad = " " * max(self.width - len(text), 0)
-        self.width = len(text)
-        self.stream.write(("\r" if self.live else "") + text + pad + end)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._show(end="\n")
-
-
-def partial_path(out_dir: str | Path) -> Path:
-    """The hidden sibling a conversion into ``out_dir`` writes to before it renames it."""
-    out = Path(os.path.abspath(out_dir))
-    return out.parent / f".{out.name}.partial"
-
-
-def check_output(out_dir: str | Path) -> Path:
-    """``out_dir`` as an absolute path, if a conversion may create it.
-
-    Raises:
-        CheckpointError: it is a file or a non-empty folder (left untouched).
-    """
-    out = Path(os.path.abspath(out_dir))
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise CheckpointError(f"output {out} exists and is not a folder; nothing was written. "
-                                  "Choose a new output folder")
-        if any(out.iterdir()):
-            raise CheckpointError(f"output folder {out} already exists and is not empty; nothing was written "
-                                  "and it was left untouched. Choose a new output folder or remove it first")
-    return out
-
-
-@contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield an empty hidden ``.<name>.partial`` folder; rename it to ``out_dir`` if the body succeeds.
-
-    On any failure (or interrupt) the partial folder is removed and ``out_dir`` is not created.
-
-    Raises:
-        CheckpointError: ``out_dir`` is a file or a non-empty folder, or cannot be created.
-    """
-    out = check_output(out_dir)
-    partial = partial_path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an interrupted conversion into the same folder
-        partial.mkdir()
-    except OSError as e:
-        raise CheckpointError(f"cannot create {partial} next to the output folder: {e.strerror or e}") from e
-    try:
-        yield partial
-        try:
-            publish(partial, out)  # takes the place of an empty folder, never of one with files
-        except FileExistsError:
-            raise CheckpointError(f"output folder {out} got files from elsewhere during the conversion; nothing "
-                                  "was written there and it was left as it was. Choose a new output folder") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot rename {partial} to {out}: {e.strerror or e}; {out} was left as "
-                                  "it was") from e
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -402,48 +281,6 @@ def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
         raise CheckpointError(f"{src}/{DCP_MARKER} is not readable DCP metadata ({type(e).__name__}: {e})") from e
 
 
-def recorded_flavor(step_dir: Path) -> str | None:
-    """The ``--model.flavor`` a step's manifest records; None without a manifest (TorchTitan) or flavor.
-
-    Raises:
-        CorruptCheckpointError: the manifest is damaged.
-    """
-    manifest = read_manifest(step_dir) if step_dir.is_dir() else None
-    try:
-        recorded = manifest["job_config"]["model"]["flavor"]  # type: ignore[index]
-    except (KeyError, TypeError):
-        return None
-    return recorded if isinstance(recorded, str) else None
-
-
-def step_flavor(step_dir: str | Path, flavor: str | ModelArgs | None) -> str | ModelArgs:
-    """The flavor to convert ``step_dir`` with: ``flavor``, checked against the one its manifest records.
-
-    Without ``flavor``, the recorded one; with neither (a step written by TorchTitan has no
-    manifest), ``8B``, TorchTitan's default. A ``ModelArgs`` is taken as it is.
-
-    Raises:
-        CheckpointError: ``flavor`` differs from the recorded one, or the recorded one is unknown here,
-            or the manifest is corrupt.
-    """
-    if isinstance(flavor, ModelArgs):
-        return flavor
-    step_dir = Path(step_dir)
-    recorded = recorded_flavor(step_dir)
-    if recorded is None:
-        return flavor or DEFAULT_FLAVOR
-    if flavor is None:
-        if recorded not in LLAMA3_FLAVORS:
-            raise CheckpointError(f"{step_dir}/manifest.json records the flavor {recorded!r}, which is not a "
-                                  f"Llama 3 flavor here ({', '.join(LLAMA3_FLAVORS)}); pass --model_flavor")
-        return recorded
-    if flavor != recorded:
-        raise CheckpointError(f"--model_flavor {flavor} does not match {step_dir}, which was trained with flavor "
-                              f"{recorded} (its manifest.json records it); drop --model_flavor to use {recorded}, or "
-                              f"point at a step trained with {flavor}")
-    return flavor
-
-
 def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs | None = None,
                   hf_assets_path: str | Path | None = None, export_dtype: str = "float32",
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
@@ -506,104 +343,3 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
             writer.close()
     bar.close()
     return Path(os.path.abspath(out_dir))
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``5GB`` (10^9), ``4GiB`` (2^30), ``500MB`` or a plain integer."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 4GiB")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a shard must hold at least one byte")
-    return int(value)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError([f"{message} (see {self.prog} --help)"])
-
-
-def build_parser(direction: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """The arguments of one direction, as in TorchTitan's ``scripts/checkpoint_conversion``."""
-    if direction == "from_hf":
-        parser = _Parser(prog=prog or "savepoint convert from_hf",
-                         description="Convert a Hugging Face Llama 3 folder into a model-only DCP checkpoint.")
-        parser.add_argument("input_dir", help="HF model folder (model.safetensors or shards + index)")
-        parser.add_argument("output_dir", help="new DCP checkpoint folder (must not exist or be empty)")
-    else:
-        parser = _Parser(prog=prog or "savepoint convert to_hf",
-                         description="Convert a DCP checkpoint step folder into a Hugging Face Llama 3 folder.")
-        parser.add_argument("input_dir", help="DCP step folder (full or model-only checkpoint)")
-        parser.add_argument("output_dir", help="new HF folder (must not exist or be empty)")
-        parser.add_argument("--hf_assets_path", default=None,
-                            help="folder with tokenizer files to copy (e.g. the original HF model folder)")
-    parser.add_argument("--model_name", default="llama3", choices=MODEL_NAMES)
-    if direction == "from_hf":
-        parser.add_argument("--model_flavor", default=DEFAULT_FLAVOR,
-                            help=f"one of {', '.join(LLAMA3_FLAVORS)} (default {DEFAULT_FLAVOR})")
-    else:
-        parser.add_argument("--model_flavor", default=None,
-                            help=f"one of {', '.join(LLAMA3_FLAVORS)} (default: the flavor the step's manifest.json "
-                                 f"records; {DEFAULT_FLAVOR} for a step without one); must match the recorded one")
-    if direction == "from_hf":
-        parser.add_argument("--dtype", default="float32", choices=[*DTYPES, KEEP],
-                            help="dtype of the DCP tensors (default float32, for training; keep: as stored in HF)")
-    else:
-        parser.add_argument("--export_dtype", default="float32", choices=list(DTYPES))
-        parser.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_SHARD_BYTES,
-                            help="the most bytes per safetensors shard, e.g. 5GB or 4GiB (default 5GiB)")
-    return parser
-
-
-def run(argv: list[str], prog: str | None = None) -> Path:
-    """``from_hf|to_hf IN OUT [options]``: parse and convert; returns the output folder.
-
-    Raises:
-        SavepointError: bad arguments or a failed conversion (one line each).
-    """
-    if not argv or argv[0] not in ("from_hf", "to_hf"):
-        if argv and argv[0] in ("-h", "--help"):
-            print("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]\n"
-                  "       savepoint convert from_hf --help | to_hf --help")
-            raise SystemExit(0)
-        raise SavepointError("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]")
-    direction = argv[0]
-    ns = build_parser(direction, prog).parse_args(argv[1:])
-    try:
-        if direction == "from_hf":
-            out = convert_from_hf(ns.input_dir, ns.output_dir, ns.model_flavor, dtype=ns.dtype)
-        else:
-            flavor = step_flavor(ns.input_dir, ns.model_flavor)
-            if ns.model_flavor is None:
-                how = "as its manifest.json records" if recorded_flavor(Path(ns.input_dir)) else \
-                    "the default: the step has no manifest.json recording one"
-                print(f"converting {ns.input_dir} as Llama 3 {flavor} ({how}; --model_flavor overrides)")
-            out = convert_to_hf(ns.input_dir, ns.output_dir, flavor, hf_assets_path=ns.hf_assets_path,
-                                export_dtype=ns.export_dtype, max_shard_bytes=ns.max_shard_size)
-    except CheckpointError as e:
-        # The adapter's messages name the training flag; here the flag is --model_flavor.
-        raise CheckpointError(str(e).replace("--model.flavor", "--model_flavor")) from e
-    print(f"wrote {out}")
-    return out
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run a conversion; on failure print one ``error: ...`` line on stderr and return 1.
-
-    With ``SAVEPOINT_DEBUG`` set, errors raise with their traceback instead.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        run(argv, prog)
-    except SavepointError as e:
-        if os.environ.get("SAVEPOINT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0

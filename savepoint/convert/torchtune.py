@@ -117,7 +117,7 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
     reader.check_sizes()
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from savepoint.hf.convert import _unwrap
+    from savepoint.convert.dcp_hf import _unwrap
 
     try:
         dcp.load({names[k]: t for k, t in state.items()}, storage_reader=reader, planner=SafeLoadPlanner(),
