@@ -12,8 +12,9 @@ import re
 import sys
 from pathlib import Path
 
-from savepoint.convert.dcp_hf import DTYPES, KEEP, convert_from_hf, convert_to_hf
+from savepoint.convert.dcp_hf import KEEP, convert_from_hf, convert_to_hf
 from savepoint.convert.flavors import DEFAULT_FLAVOR, MODEL_NAMES, recorded_flavor, step_flavor
+from savepoint.dtypes import FLOAT_DTYPES
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.folder import DEFAULT_SHARD_BYTES
 from savepoint.models.llama3.args import LLAMA3_FLAVORS
@@ -62,10 +63,10 @@ def build_parser(direction: str, prog: str | None = None) -> argparse.ArgumentPa
                             help=f"one of {', '.join(LLAMA3_FLAVORS)} (default: the flavor the step's manifest.json "
                                  f"records; {DEFAULT_FLAVOR} for a step without one); must match the recorded one")
     if direction == "from_hf":
-        parser.add_argument("--dtype", default="float32", choices=[*DTYPES, KEEP],
+        parser.add_argument("--dtype", default="float32", choices=[*FLOAT_DTYPES, KEEP],
                             help="dtype of the DCP tensors (default float32, for training; keep: as stored in HF)")
     else:
-        parser.add_argument("--export_dtype", default="float32", choices=list(DTYPES))
+        parser.add_argument("--export_dtype", default="float32", choices=list(FLOAT_DTYPES))
         parser.add_argument("--max_shard_size", type=parse_size, default=DEFAULT_SHARD_BYTES,
                             help="the most bytes per safetensors shard, e.g. 5GB or 4GiB (default 5GiB)")
     return parser

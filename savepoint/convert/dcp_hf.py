@@ -65,6 +65,7 @@ from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.convert.flavors import resolve_flavor, step_flavor
 from savepoint.convert.output import check_output, staged_output
 from savepoint.convert.progress import Progress
+from savepoint.dtypes import FLOAT_DTYPES, torch_dtype
 from savepoint.durable import DCP_MARKER, HF_INDEX
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.assets import check_export_assets
@@ -74,7 +75,6 @@ from savepoint.models.llama3.args import ModelArgs
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KEEP = "keep"  # --dtype keep: each tensor in the dtype the HF folder stores it in
 _DIST_WARNING = "torch.distributed is disabled"
 
@@ -82,10 +82,10 @@ _DIST_WARNING = "torch.distributed is disabled"
 def _dtype(name: str, option: str, keep_ok: bool = False) -> torch.dtype | None:
     if keep_ok and name == KEEP:
         return None
-    if name not in DTYPES:
-        choices = [*DTYPES, KEEP] if keep_ok else list(DTYPES)
+    if name not in FLOAT_DTYPES:
+        choices = [*FLOAT_DTYPES, KEEP] if keep_ok else list(FLOAT_DTYPES)
         raise ConfigError([f"{option} {name!r} is not supported; choose from {', '.join(choices)}"])
-    return DTYPES[name]
+    return torch_dtype(name)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from savepoint.checkpoint.compat import saved_model_keys
+from savepoint.dtypes import FLOAT_DTYPES, torch_dtype
 from savepoint.durable import DCP_MARKER, fsync_file, publish
 from savepoint.errors import CheckpointError, SavepointError
 from savepoint.hf.llama3 import map_key
@@ -229,11 +230,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("out_file", help="the .pt file to write (must not exist)")
     parser.add_argument("--model_name", default="llama3", choices=["llama3"])
     parser.add_argument("--model_flavor", required=True, choices=sorted(LLAMA3_FLAVORS))
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES,
                         help="cast the weights (default: as saved)")
     ns = parser.parse_args(argv)
     args = LLAMA3_FLAVORS[ns.model_flavor]
-    out = convert_to_torchtune(ns.step_dir, ns.out_file, args, getattr(torch, ns.dtype) if ns.dtype else None)
+    out = convert_to_torchtune(ns.step_dir, ns.out_file, args, torch_dtype(ns.dtype) if ns.dtype else None)
     name, kwargs = torchtune_builder(args)
     print(f"wrote {out}; in torchtune: model = torchtune.models.{name}.{name}(**{kwargs}); "
           f"model.load_state_dict(torch.load({str(out)!r}))")

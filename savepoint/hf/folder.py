@@ -28,6 +28,7 @@ from savepoint.safe_io import open_regular, regular_size
 SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 HEADER_LIMIT = 100_000_000  # safetensors itself caps headers at 100 MB
+# safetensors' own dtype names (F32, BF16, ...: a format table, not the names users give) <-> torch dtypes.
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
