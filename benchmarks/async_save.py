@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/async_save.py            # Llama 3 of ~89M parameters + AdamW (~1.07 GB), ~4 min
     .venv/bin/python benchmarks/async_save.py --quick    # a small smoke run (~30 s)
 
+Run it from the repository root with the venv's interpreter (``bash scripts/bootstrap.sh`` makes
+``.venv`` in a fresh clone; see ``benchmarks/_common.py``).
+
 Disk speed on shared machines swings several-fold between runs, so every number compared here is
 measured in one invocation, in one process (a 1-rank gloo process group, which
 ``async_with_pinned_mem`` needs for its writer process). The rows:
@@ -38,13 +41,9 @@ Before each timed save or disk pass the page cache is synced and dropped when th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import socket
-import statistics
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -52,33 +51,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import _common as common
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from async_report import Results, report
+from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.distributed.checkpoint.stateful import Stateful  # noqa: E402
-
-from savepoint.checkpoint import CheckpointManager, staging  # noqa: E402
-from savepoint.checkpoint.hashing import HashingWriter  # noqa: E402
-from savepoint.checkpoint.states import (  # noqa: E402
-    LR_SCHEDULER,
-    OPTIMIZER,
-    TRAIN_STATE,
-    LRSchedulerState,
-    ModelState,
-    OptimizerState,
-    TrainState,
-)
-from savepoint.checkpoint.storage import folder_bytes  # noqa: E402
-from savepoint.config.job_config import Checkpoint, Comm, LRScheduler, Optimizer  # noqa: E402
-from savepoint.distributed import init_distributed  # noqa: E402
-from savepoint.models.llama3.args import ModelArgs  # noqa: E402
-from savepoint.models.llama3.model import build_model  # noqa: E402
-from savepoint.optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from savepoint.checkpoint import CheckpointManager
+from savepoint.checkpoint.hashing import HashingWriter
+from savepoint.checkpoint.states import ModelState, TrainState
+from savepoint.checkpoint.storage import folder_bytes
+from savepoint.config.job_config import Comm, LRScheduler, Optimizer
+from savepoint.distributed import init_distributed
+from savepoint.models.llama3.args import ModelArgs
+from savepoint.models.llama3.model import build_model
+from savepoint.optim import build_lr_scheduler, build_optimizer
 
 if __name__ == "__mp_main__":  # this file imported by the spawned writer process of async_with_pinned_mem
     import torch.distributed.checkpoint._async_process_executor as _executor
@@ -88,20 +78,11 @@ if __name__ == "__mp_main__":  # this file imported by the spawned writer proces
 SEED = 0
 SEQ_LEN = 64  # tokens per sequence of the training step; the batch size is calibrated
 BLOCK = 64 << 20  # the disk pass writes and reads in 64 MiB blocks
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CLEAR_REFS = Path("/proc/self/clear_refs")  # writing "5" resets VmHWM (peak RSS)
 STEP_TARGET_S = 0.25  # the batch doubles until one training step takes at least this long
 MAX_BATCH = 64
 MAX_STEPS_PER_SAVE = 200  # safety cap on training steps run while one save is in flight
 ASYNC_MODES = ("async", "async_with_pinned_mem")
-# Targets: blocked / durable sync save, sync save throughput / disk write, sync / torch.save+fsync,
-# step during a save / normal step.
-BLOCKED_TARGET = 0.005
-THROUGHPUT_TARGET = 0.90
-VS_TORCH_TARGET = 1.0
-STEP_TARGET = 1.25
-MEMORY_TARGET = 1.0  # memory the saves add, trainer + writer process (PSS), per byte of state
-HASHING_TARGET = 0.05  # hashing costs at most 5 % of a durable save
 # Model size and repeats: the default run (about 1.07 GB of state) and --quick.
 PRESETS = {
     "default": {"dim": 1024, "n_layers": 2, "vocab_size": 32000, "repeats": 3, "saves": 50},
@@ -119,12 +100,7 @@ class Clock:
         self.cold = True
 
     def flush(self) -> None:
-        os.sync()
-        if self.cold:
-            try:
-                DROP_CACHES.write_text("3\n")
-            except OSError:
-                self.cold = False
+        self.cold = common.flush_page_cache(self.cold)
 
     def time(self, call: Callable[[], object]) -> float:
         """Seconds ``call()`` takes, started on a synced (and, if allowed, dropped) page cache."""
@@ -170,9 +146,9 @@ def reset_peak_rss() -> bool:
 def child_pids() -> list[int]:
     """This process's children (the writer process of ``async_with_pinned_mem``, once spawned)."""
     pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
+    for thread in Path("/proc/self/task").iterdir():
         try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
+            pids += [int(p) for p in (thread / "children").read_text().split()]
         except OSError:
             pass
     return pids
@@ -205,9 +181,7 @@ class Job:
 
     def manager(self, work_dir: Path, folder: str, async_mode: str) -> CheckpointManager:
         """A manager over ``work_dir/folder`` that saves every step and keeps all (the benchmark deletes)."""
-        cfg = Checkpoint(enable=True, folder=folder, interval=1, keep_latest_k=0, last_save_model_only=False,
-                         async_mode=async_mode)
-        return CheckpointManager(cfg, str(work_dir), self.model, states=self.states, job_config={})
+        return common.keep_all_manager(work_dir, folder, self.model, self.states, async_mode)
 
     def state(self) -> dict[str, Any]:
         """The state dict the manager's save writes: model tensors flat, then each component's state."""
@@ -235,8 +209,7 @@ def build_job(model_args: ModelArgs) -> Job:
     optimizer = build_optimizer(model, Optimizer())
     lr_scheduler = build_lr_scheduler(optimizer, LRScheduler(), total_steps=10**6)
     train_state = TrainState()
-    states = {OPTIMIZER: OptimizerState(model, optimizer), LR_SCHEDULER: LRSchedulerState(lr_scheduler),
-              TRAIN_STATE: train_state}
+    states = common.checkpoint_states(model, optimizer, lr_scheduler, train_state)
     job = Job(model, optimizer, lr_scheduler, train_state, states)
     job.tokens = batch(model_args, 1)
     job.step()
@@ -455,173 +428,19 @@ def async_saves(job: Job, work_dir: Path, clock: Clock, mode: str, saves: int, r
     return result
 
 
-# ---- report ---------------------------------------------------------------------------------
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def row(name: str, seconds: list[float], nbytes: int | None = None, note: str = "") -> str:
-    """One table line: median and range of ``seconds``, and the median's throughput over ``nbytes``."""
-    spread = f"{min(seconds):.4f} - {max(seconds):.4f}"
-    rate = f"{nbytes / 1e9 / median(seconds):>7.2f}" if nbytes else f"{'':>7}"
-    return f"{name:<50} {median(seconds):>9.4f} {spread:>17} {rate} {len(seconds):>3}  {note}".rstrip()
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
-def report(args: argparse.Namespace, params: int, nbytes: int, step_s: float, batch_size: int,
-           base: dict[str, Any], first_copy: float, copies: list[float], modes: dict[str, AsyncResult],
-           cold: bool, wall: float) -> None:
-    times, sizes = base["times"], base["sizes"]
-    cache = "cold (page cache synced and dropped before every timed save and disk pass)" if cold else \
-        "warm cache (dropping the page cache was not permitted; reads may be served from memory)"
-    print()
-    print(f"savepoint async save benchmark: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
-          f"{torch.get_num_threads()} torch threads, 1-rank gloo group, one process")
-    print(f"model: Llama 3 dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, "
-          f"vocab {args.vocab_size}: {params / 1e6:.1f}M parameters, fp32 + AdamW state = {nbytes / 1e9:.3f} GB "
-          f"in memory ({sizes['sync_save'] / 1e9:.3f} GB as a savepoint step)")
-    print(f"training step: forward + backward + AdamW on {batch_size} x {SEQ_LEN} tokens, {step_s:.3f} s when "
-          f"calibrated (best of 3); background writer niceness +{staging.WRITER_NICE}")
-    print(f"{args.repeats} repeats of each baseline (disk, torch.save, dcp.save, HashingWriter x2, sync save taking "
-          f"turns in rotating order); {cache}")
-    print()
-    print(f"{'operation':<50} {'median s':>9} {'min - max s':>17} {'GB/s':>7} {'n':>3}")
-    print(row("disk write 64 MiB blocks + fdatasync", times["write"], nbytes))
-    print(row("disk read back (cold)" if cold else "disk read back (warm cache)", times["read"], nbytes))
-    print(row("memcpy dst.copy_(src), preallocated dst", copies, nbytes, f"first copy into a fresh buffer "
-                                                                         f"{first_copy:.4f} s"))
-    print(row("torch.save + fsync", times["torch_save"], sizes["torch_save"]))
-    print(row("dcp.save (default planner, no_dist)", times["dcp_save"], sizes["dcp_save"]))
-    print(row("dcp.save through HashingWriter (no zip CRC-32)", times["hashing_save"], sizes["hashing_save"]))
-    print(row("dcp.save through HashingWriter, CRC-32 kept", times["hashing_crc_save"], sizes["hashing_crc_save"]))
-    print(row("savepoint sync save (durable, committed)", times["sync_save"], sizes["sync_save"]))
-    for mode, r in modes.items():
-        print(f"-- {mode}: {len(r.call)} saves with no training between them, then {len(r.loop_blocked)} inside "
-              f"a training loop")
-        print(row("  first save: save() call", r.call[:1]))
-        print(row("  first save: wait_for_staging() right after", r.staging[:1]))
-        print(row("  first save: durable (save() -> finish_inflight)", r.durable[:1], r.nbytes))
-        if len(r.call) > 1:
-            print(row("  later saves: save() call", r.call[1:]))
-            print(row("  later saves: wait_for_staging() right after", r.staging[1:]))
-            print(row("  later saves: durable (save() -> finish_inflight)", r.durable[1:], r.nbytes))
-        print(row("  in loop: blocked (save() + wait before step)", r.loop_blocked, note="save() call alone "
-                  f"median {median(r.loop_call):.4f} s"))
-        print(row("  in loop: durable (save() -> commit by poll)", r.loop_durable, r.nbytes,
-                  f"{min(r.steps_per_save)}-{max(r.steps_per_save)} steps per save"))
-        print(row("  in loop: training step, no save in flight", r.steps_normal))
-        print(row("  in loop: training step, save in flight", r.steps_during))
-    print()
-    print("memory over the consecutive saves (VmRSS after each save completed):")
-    for mode, r in modes.items():
-        drift = (r.rss[-1] - r.rss[0]) / r.rss[0] * 100
-        peak = "VmHWM" if r.peak_is_hwm else "max sampled VmRSS"
-        writer = f"; writer process VmRSS {r.writer_rss / 1e9:.3f} GB" if r.writer_rss else ""
-        print(f"  {mode}: before {r.rss_before / 1e9:.3f} GB, after save 1 {r.rss[0] / 1e9:.3f} GB, after save "
-              f"{len(r.rss)} {r.rss[-1] / 1e9:.3f} GB (drift {drift:+.2f} %), min-max {min(r.rss) / 1e9:.3f}-"
-              f"{max(r.rss) / 1e9:.3f} GB, peak ({peak}) {r.peak_rss / 1e9:.3f} GB{writer}")
-        if r.pss_before:
-            writer = (f", writer process PSS {r.writer_pss / 1e9:.3f} GB (of it shared memory "
-                      f"{r.writer_pss_shmem / 1e9:.3f} GB)") if r.writer_pss else ""
-            print(f"  {mode}: PSS trainer before {r.pss_before / 1e9:.3f} GB, after the saves "
-                  f"{r.pss_after / 1e9:.3f} GB{writer}")
-    print()
-    sync = median(times["sync_save"])
-    write_bw = nbytes / median(times["write"])
-    sync_bw = sizes["sync_save"] / sync
-    missed: list[str] = []
-    for mode, r in modes.items():
-        blocked = median(r.loop_blocked)
-        ratio = blocked / sync
-        idle = (median(r.call[1:] or r.call) + median(r.staging[1:] or r.staging)) / sync
-        print(f"{mode}: blocked / durable sync save: {ratio * 100:.2f} % (target <= {BLOCKED_TARGET * 100:.1f} %: "
-              f"{verdict(ratio <= BLOCKED_TARGET)}); first save {(r.call[0] + r.staging[0]) / sync * 100:.1f} %; "
-              f"with no training to overlap the staging copy {idle * 100:.2f} %")
-        if ratio > BLOCKED_TARGET:
-            missed.append(f"{mode} blocked")
-        step_ratio = median(r.steps_during) / median(r.steps_normal)
-        print(f"{mode}: training step during a save / normal: {step_ratio:.2f}x (target <= {STEP_TARGET:.2f}x: "
-              f"{verdict(step_ratio <= STEP_TARGET)}); durable in {median(r.durable[1:] or r.durable) / sync:.2f}x "
-              f"the sync save's time with no training, {median(r.loop_durable) / sync:.2f}x inside the loop")
-        if step_ratio > STEP_TARGET:
-            missed.append(f"{mode} step time")
-    throughput = sync_bw / write_bw
-    pairs = [(sizes["sync_save"] / s) / (nbytes / w) for s, w in zip(times["sync_save"], times["write"], strict=True)]
-    print(f"sync save throughput / disk write bandwidth: {throughput * 100:.0f} % ({sync_bw / 1e9:.2f} / "
-          f"{write_bw / 1e9:.2f} GB/s; target >= {THROUGHPUT_TARGET * 100:.0f} %: "
-          f"{verdict(throughput >= THROUGHPUT_TARGET)}); per round {min(pairs) * 100:.0f} - {max(pairs) * 100:.0f} %")
-    if throughput < THROUGHPUT_TARGET:
-        missed.append("sync throughput")
-    vs_torch = sync / median(times["torch_save"])
-    vs_dcp = sync / median(times["dcp_save"])
-    pairs = [s / t for s, t in zip(times["sync_save"], times["torch_save"], strict=True)]
-    print(f"savepoint sync save / (torch.save + fsync): {vs_torch:.2f}x (target <= {VS_TORCH_TARGET:.1f}x: "
-          f"{verdict(vs_torch <= VS_TORCH_TARGET)}); per round {min(pairs):.2f}x - {max(pairs):.2f}x; "
-          f"/ raw dcp.save {vs_dcp:.2f}x")
-    if vs_torch > VS_TORCH_TARGET:
-        missed.append("sync vs torch.save")
-    hashing = median(times["hashing_crc_save"]) / median(times["dcp_save"]) - 1
-    pairs = [h / d - 1 for h, d in zip(times["hashing_crc_save"], times["dcp_save"], strict=True)]
-    net = median(times["hashing_save"]) / median(times["dcp_save"]) - 1
-    print(f"hashing cost (dcp.save through HashingWriter with CRC-32 kept / plain FileSystemWriter - 1): "
-          f"{hashing * 100:+.1f} % (target <= {HASHING_TARGET * 100:.0f} %: "
-          f"{verdict(hashing <= HASHING_TARGET)}); per round {min(pairs) * 100:+.1f} to {max(pairs) * 100:+.1f} %; "
-          f"as savepoint writes (xxh3 instead of the CRC-32) {net * 100:+.1f} %")
-    if hashing > HASHING_TARGET:
-        missed.append("hashing cost")
-    for mode, r in modes.items():
-        if r.pss_before:
-            added = r.pss_after + r.writer_pss - r.pss_before
-            print(f"{mode}: memory added by the saves, PSS (trainer + writer process) {added / 1e9:.3f} GB = "
-                  f"{added / nbytes:.2f}x the state (target <= {MEMORY_TARGET:.1f}x: "
-                  f"{verdict(added <= MEMORY_TARGET * nbytes)})"
-                  f"; VmRSS alone would say {(r.peak_rss - r.rss_before + r.writer_rss) / nbytes:.2f}x")
-            if added > MEMORY_TARGET * nbytes:
-                missed.append(f"{mode} memory")
-    print(f"targets missed: {', '.join(missed) if missed else 'none'}")
-    print(f"total wall time: {wall:.1f} s")
-    print()
-    pinned = modes.get("async_with_pinned_mem") or next(iter(modes.values()))
-    name = "async_with_pinned_mem" if "async_with_pinned_mem" in modes else next(iter(modes))
-    print(f"summary: saving {sizes['sync_save'] / 1e9:.2f} GB (Llama 3, {params / 1e6:.0f}M params + AdamW) "
-          f"synchronously took {sync:.2f} s ({sync_bw / 1e9:.2f} GB/s, {throughput * 100:.0f} % of the disk's "
-          f"{write_bw / 1e9:.2f} GB/s, {vs_torch:.2f}x torch.save + fsync); with {name} the training loop was "
-          f"blocked {median(pinned.loop_blocked) * 1e3:.1f} ms per save "
-          f"({median(pinned.loop_blocked) / sync * 100:.2f} % of the sync save), steps during a save took "
-          f"{median(pinned.steps_during) / median(pinned.steps_normal):.2f}x a normal step, and RSS drifted "
-          f"{(pinned.rss[-1] - pinned.rss[0]) / pinned.rss[0] * 100:+.2f} % over {len(pinned.rss)} saves "
-          f"(medians, {'cold' if cold else 'warm'} cache, {os.cpu_count()} CPU cores, torch {torch.__version__})")
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, few saves: a smoke run of ~30 s")
-    parser.add_argument("--repeats", type=int, help="timed calls per baseline row and saves in the training "
-                                                    "loop per async mode (default 3, --quick 2)")
+    parser = common.model_parser(__doc__, PRESETS, "small model, few saves: a smoke run of ~30 s",
+                                 "timed calls per baseline row and saves in the training loop per async mode "
+                                 "(default 3, --quick 2)")
     parser.add_argument("--saves", type=int, help="consecutive async saves per mode for the RSS drift "
                                                   "(default 50, --quick 8)")
-    parser.add_argument("--dim", type=int, help="model width (default 1024, --quick 256)")
-    parser.add_argument("--n-layers", type=int, help="transformer blocks (default 2, --quick 2)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size (default 32000, --quick 8192)")
-    parser.add_argument("--n-heads", type=int, default=16, help="attention heads (default 16)")
-    parser.add_argument("--n-kv-heads", type=int, default=8, help="key/value heads (default 8)")
-    parser.add_argument("--dir", help="parent folder of the temporary checkpoint folder (default: the system's)")
     args = parser.parse_args(argv)
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.repeats < 1 or args.saves < 1:
-        parser.error("--repeats and --saves must be at least 1")
-    if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
-        parser.error("--dim must be a multiple of --n-heads with an even head size (RoPE rotates pairs)")
+    common.apply_preset(parser, args, PRESETS)
+    if args.saves < 1:
+        parser.error("--saves must be at least 1")
     return args
 
 
@@ -634,7 +453,7 @@ def free_port() -> int:
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
-    logging.getLogger("savepoint").setLevel(logging.WARNING)  # the manager logs every save
+    common.quiet_savepoint_log()
     warnings.filterwarnings("ignore", message=".*pin.?memory.*")  # pinned memory needs CUDA; CPU uses shm
     # async_with_pinned_mem writes from a process, which needs a process group: one rank of gloo.
     if "RANK" not in os.environ:
@@ -643,29 +462,31 @@ def main() -> None:
     init_distributed(Comm(backend="gloo"))
     if dist.get_world_size() != 1:
         raise SystemExit("run this benchmark as one process, not under torchrun")
-    model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                           vocab_size=args.vocab_size, max_seq_len=SEQ_LEN)
-    work_dir = Path(tempfile.mkdtemp(prefix="savepoint-async-", dir=args.dir))
-    print(f"benchmarking in {work_dir}", flush=True)
+    margs = common.llama_args(args, SEQ_LEN)
     clock = Clock()
     try:
-        job = build_job(model_args)
-        params = sum(p.numel() for p in job.model.parameters())
-        nbytes = tensor_bytes(job.state())
-        step_s = calibrate_step(job, model_args)
-        print(f"  {params / 1e6:.1f}M parameters, {nbytes / 1e9:.3f} GB of state; step {step_s:.3f} s at batch "
-              f"{job.tokens.shape[0]}; baselines ...", flush=True)
-        base = baselines(job, work_dir, clock, args.repeats, nbytes)
-        first_copy, copies = memcpy(nbytes, max(args.repeats, 5))
-        modes = {}
-        for mode in ASYNC_MODES:
-            print(f"  {mode}: {args.saves} saves, then {args.repeats} in a training loop ...", flush=True)
-            modes[mode] = async_saves(job, work_dir, clock, mode, args.saves, args.repeats)
-        report(args, params, nbytes, step_s, job.tokens.shape[0], base, first_copy, copies, modes, clock.cold,
-               time.perf_counter() - start)
+        with common.work_folder("savepoint-async-", args.dir) as work_dir:
+            run(args, margs, work_dir, clock, start)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
         dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, model_args: ModelArgs, work_dir: Path, clock: Clock, start: float) -> None:
+    """Build the job, time the baselines and both async modes, and print the report."""
+    job = build_job(model_args)
+    params = sum(p.numel() for p in job.model.parameters())
+    nbytes = tensor_bytes(job.state())
+    step_s = calibrate_step(job, model_args)
+    print(f"  {params / 1e6:.1f}M parameters, {nbytes / 1e9:.3f} GB of state; step {step_s:.3f} s at batch "
+          f"{job.tokens.shape[0]}; baselines ...", flush=True)
+    base = baselines(job, work_dir, clock, args.repeats, nbytes)
+    first_copy, copies = memcpy(nbytes, max(args.repeats, 5))
+    modes = {}
+    for mode in ASYNC_MODES:
+        print(f"  {mode}: {args.saves} saves, then {args.repeats} in a training loop ...", flush=True)
+        modes[mode] = async_saves(job, work_dir, clock, mode, args.saves, args.repeats)
+    report(Results(args, params, nbytes, step_s, job.tokens.shape[0], SEQ_LEN, base, first_copy, copies, modes,
+                   clock.cold, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

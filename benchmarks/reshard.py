@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/reshard.py            # Llama 3 of ~160M parameters + AdamW (~1.9 GB), 5 repeats
     .venv/bin/python benchmarks/reshard.py --quick    # a small smoke run (~20 s)
 
+Run it from the repository root with the venv's interpreter (``bash scripts/bootstrap.sh`` makes
+``.venv`` in a fresh clone; see ``benchmarks/_common.py``).
+
 Disk speed on shared machines swings several-fold between runs, so every number compared here is
 measured in one invocation. This process only orchestrates; two torchrun launches do the work:
 
@@ -24,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,38 +38,30 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import _common as common
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint import DefaultSavePlanner
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.distributed.checkpoint import DefaultSavePlanner  # noqa: E402
-
-from savepoint.checkpoint import CheckpointManager  # noqa: E402
-from savepoint.checkpoint.states import (  # noqa: E402
-    LR_SCHEDULER,
-    OPTIMIZER,
-    TRAIN_STATE,
-    LRSchedulerState,
-    OptimizerState,
-    TrainState,
-)
-from savepoint.checkpoint.storage import folder_bytes  # noqa: E402
-from savepoint.config.job_config import Checkpoint, Comm, LRScheduler, Optimizer  # noqa: E402
-from savepoint.distributed import build_mesh, init_distributed  # noqa: E402
-from savepoint.models.llama3.args import ModelArgs  # noqa: E402
-from savepoint.models.llama3.model import build_model  # noqa: E402
-from savepoint.models.llama3.parallelize import column_sharded, parallelize_llama  # noqa: E402
-from savepoint.optim import build_lr_scheduler, build_optimizer  # noqa: E402
-from savepoint.parallel_dims import ParallelDims  # noqa: E402
+from savepoint.checkpoint import CheckpointManager
+from savepoint.checkpoint.reader import VerifyingReader
+from savepoint.checkpoint.states import TrainState
+from savepoint.checkpoint.storage import folder_bytes
+from savepoint.config.job_config import Comm, LRScheduler, Optimizer
+from savepoint.distributed import build_mesh, init_distributed
+from savepoint.models.llama3.args import ModelArgs
+from savepoint.models.llama3.model import build_model
+from savepoint.models.llama3.parallelize import column_sharded, parallelize_llama
+from savepoint.optim import build_lr_scheduler, build_optimizer
+from savepoint.parallel_dims import ParallelDims
 
 SEED = 0
 SEQ_LEN = 16  # tokens of the one training step; even, as sequence parallelism (TP 2) splits it
 FSDP_FOLDER = "fsdp2"  # the FSDP(2) saves; the last one is the checkpoint every load reads
 SINGLE_FOLDER = "ws1"  # the 1-process saves
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+RESHARD_TARGET = 1.1  # a resharded load takes at most 1.1x a same-layout load
 # Model size and repeats: the default run (about 1.9 GB of checkpoint) and --quick.
 PRESETS = {
     "default": {"dim": 1024, "n_layers": 8, "vocab_size": 32000, "repeats": 5},
@@ -104,12 +96,7 @@ class Clock:
 
     def _flush(self) -> None:
         if rank0():
-            os.sync()
-            if self.cold:
-                try:
-                    DROP_CACHES.write_text("3\n")
-                except OSError:
-                    self.cold = False
+            self.cold = common.flush_page_cache(self.cold)
         barrier()
 
     def time(self, call: Callable[[], object]) -> float:
@@ -131,9 +118,8 @@ class Job:
 
     def manager(self, work_dir: Path, folder: str) -> CheckpointManager:
         """A manager over ``work_dir/folder`` that saves every step and keeps all (the benchmark deletes)."""
-        cfg = Checkpoint(enable=True, folder=folder, interval=1, keep_latest_k=0, last_save_model_only=False)
-        return CheckpointManager(cfg, str(work_dir), self.model, states=self.states, job_config={},
-                                 layout=self.dims.as_dict(), column_tiled=column_sharded)
+        return common.keep_all_manager(work_dir, folder, self.model, self.states, layout=self.dims.as_dict(),
+                                column_tiled=column_sharded)
 
 
 def build_job(model_args: ModelArgs, dims: ParallelDims, device: torch.device) -> Job:
@@ -152,9 +138,7 @@ def build_job(model_args: ModelArgs, dims: ParallelDims, device: torch.device) -
     optimizer.zero_grad(set_to_none=True)
     train_state = TrainState()
     train_state.step = 1
-    states = {OPTIMIZER: OptimizerState(model, optimizer), LR_SCHEDULER: LRSchedulerState(lr_scheduler),
-              TRAIN_STATE: train_state}
-    return Job(dims, model, states)
+    return Job(dims, model, common.checkpoint_states(model, optimizer, lr_scheduler, train_state))
 
 
 def timed_saves(manager: CheckpointManager, clock: Clock, repeats: int) -> list[float]:
@@ -177,16 +161,14 @@ class ReadCounter:
     """
 
     def __init__(self) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.nbytes = 0
-        original = FileSystemReader._slice_file
+        original = VerifyingReader._slice_file  # every chunk a savepoint load reads goes through it
 
         def counting_slice(reader, file, sinfo):
             self.nbytes += sinfo.length
             return original(reader, file, sinfo)
 
-        FileSystemReader._slice_file = counting_slice
+        VerifyingReader._slice_file = counting_slice
 
     def total(self) -> int:
         """Bytes read so far, summed over the ranks."""
@@ -202,6 +184,19 @@ def load(manager: CheckpointManager, step: int) -> None:
     assert loaded == step, f"loaded step {loaded}, expected {step}"
 
 
+def load_once(job: Job, work_dir: Path, step: int, clock: Clock | None = None) -> float:
+    """Load ``step`` of the FSDP(2) folder into ``job`` through a manager of its own (a folder takes one open
+    manager at a time); returns the seconds of the load alone, timed by ``clock`` if given."""
+    manager = job.manager(work_dir, FSDP_FOLDER)
+    try:
+        if clock is None:
+            load(manager, step)
+            return 0.0
+        return clock.time(partial(load, manager, step))
+    finally:
+        manager.close()
+
+
 def two_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Path, repeats: int,
                        clock: Clock) -> dict[str, Any]:
     """FSDP(2) saves, then alternating same-layout (FSDP 2) and resharded (TP 2) loads of the last one."""
@@ -209,23 +204,24 @@ def two_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Pa
     fsdp_manager = fsdp.manager(work_dir, FSDP_FOLDER)
     saves = timed_saves(fsdp_manager, clock, repeats)
     step = repeats
+    nbytes = folder_bytes(fsdp_manager.folder.step_dir(step)) if rank0() else 0
+    fsdp_manager.close()
     # A second mesh on the same process group, as tests/dist_worker.py does for its scenarios.
-    tp = build_job(model_args, TP2, device)
-    managers = {"same": fsdp_manager, "resharded": tp.manager(work_dir, FSDP_FOLDER)}
+    jobs = {"same": fsdp, "resharded": build_job(model_args, TP2, device)}
     loads: dict[str, list[float]] = {"same": [], "resharded": []}
     read: dict[str, int] = {}
     counter = ReadCounter()
     for name in ("same", "resharded"):  # one untimed load each, to count the bytes it reads
         before = counter.total()
-        load(managers[name], step)
+        load_once(jobs[name], work_dir, step)
         read[name] = counter.total() - before
     for i in range(repeats):
         order = ["same", "resharded"] if i % 2 == 0 else ["resharded", "same"]
         for name in order:
-            loads[name].append(clock.time(partial(load, managers[name], step)))
+            loads[name].append(load_once(jobs[name], work_dir, step, clock))
     return {
         "params": sum(p.numel() for p in fsdp.model.parameters()),  # DTensor.numel() is the global count
-        "bytes": folder_bytes(fsdp_manager.folder.step_dir(step)) if rank0() else 0,
+        "bytes": nbytes,
         "save": saves,
         "load_same": loads["same"],
         "load_resharded": loads["resharded"],
@@ -267,14 +263,12 @@ def untiled_vs_tiled_saves(manager: CheckpointManager, clock: Clock, repeats: in
 
 def run_worker(args: argparse.Namespace) -> None:
     """One rank of a torchrun launch; rank 0 writes the timings to ``--out``."""
-    logging.getLogger("savepoint").setLevel(logging.WARNING)  # the manager logs every save and load
+    common.quiet_savepoint_log()
     device = init_distributed(Comm())
-    model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                           vocab_size=args.vocab_size, max_seq_len=SEQ_LEN)
     worker = two_process_worker if args.worker == "two" else one_process_worker
     clock = Clock()
     try:
-        result = worker(model_args, device, Path(args.work_dir), args.repeats, clock)
+        result = worker(common.llama_args(args, SEQ_LEN), device, Path(args.work_dir), args.repeats, clock)
         if rank0():
             Path(args.out).write_text(json.dumps({**result, "cold": clock.cold}))
     finally:
@@ -293,7 +287,7 @@ def launch(nproc: int, role: str, args: argparse.Namespace, work_dir: Path) -> d
            "--work-dir", str(work_dir), "--out", str(out), "--repeats", str(args.repeats),
            "--dim", str(args.dim), "--n-layers", str(args.n_layers), "--n-heads", str(args.n_heads),
            "--n-kv-heads", str(args.n_kv_heads), "--vocab-size", str(args.vocab_size)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print(f"  running {nproc} process(es): {role} ...", flush=True)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -304,16 +298,13 @@ def launch(nproc: int, role: str, args: argparse.Namespace, work_dir: Path) -> d
 
 def row(operation: str, layout: str, seconds: list[float], nbytes: int, note: str = "") -> str:
     """One table line: median and range of ``seconds``, and the median's throughput over ``nbytes``."""
-    median = statistics.median(seconds)
-    spread = f"{min(seconds):.3f} - {max(seconds):.3f}"
-    return f"{operation:<6} {layout:<20} {median:>9.3f} {spread:>17} {nbytes / 1e9 / median:>7.2f}  {note}".rstrip()
+    return f"{operation:<6} {layout:<20} {common.timing_cells(seconds, nbytes, 3)}  {note}".rstrip()
 
 
 def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], wall: float) -> None:
     """Header, table, the two ratios and a one-line summary, from both launches' timings."""
     cold = two["cold"] and one["cold"]
-    cache = "cold (page cache dropped before every timed call)" if cold else \
-        "warm cache (dropping the page cache was not permitted; loads may be served from memory)"
+    cache = common.cache_note(cold, "every timed call", "loads")
     size_mb = two["bytes"] / 1e6
     print()
     print(f"savepoint reshard benchmark: torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo")
@@ -331,11 +322,9 @@ def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], w
     print(row("load", "FSDP 2 -> TP 2", two["load_resharded"], two["bytes"], "resharded"))
     print(row("load", "FSDP 2 -> 1 process", one["load"], two["bytes"], "extra, separate launch"))
     print()
-    reshard = statistics.median(two["load_resharded"]) / statistics.median(two["load_same"])
-    pairs = [r / s for r, s in zip(two["load_resharded"], two["load_same"], strict=True)]
-    verdict = "met" if reshard <= 1.1 else "NOT met"
-    print(f"resharded load (TP 2) / same-layout load (FSDP 2): {reshard:.2f}x (target <= 1.1x: {verdict}); "
-          f"per alternating pair {min(pairs):.2f}x - {max(pairs):.2f}x")
+    line, reshard = common.ratio_line("resharded load (TP 2) / same-layout load (FSDP 2)", two["load_resharded"],
+                               two["load_same"], RESHARD_TARGET, "per alternating pair")
+    print(line)
     read_ratio = two["read_resharded"] / two["read_same"]
     print(f"bytes read and deserialized per load, all ranks: same layout {two['read_same'] / 1e9:.3f} GB, "
           f"resharded {two['read_resharded'] / 1e9:.3f} GB ({read_ratio:.2f}x); time ratio / bytes ratio "
@@ -351,33 +340,19 @@ def report(args: argparse.Namespace, two: dict[str, Any], one: dict[str, Any], w
     print(f"summary: loading a {size_mb / 1e3:.2f} GB FSDP 2 checkpoint (Llama 3, {two['params'] / 1e6:.0f}M params "
           f"+ AdamW) resharded to TP 2 took {reshard:.2f}x the same-layout load (reading {read_ratio:.2f}x the "
           f"bytes), and saving at 2 processes "
-          f"{save_ratio:.2f}x the 1-process time (medians of {args.repeats}, {'cold' if cold else 'warm'} cache, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__})")
+          f"{save_ratio:.2f}x the 1-process time (medians of {args.repeats}, {common.machine_note(cold)})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options, with unset sizes and repeats filled from the default or --quick preset, checked for TP 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, 3 repeats: a smoke run of ~20 s")
-    parser.add_argument("--repeats", type=int, help="timed calls per row (default 5, --quick 3)")
-    parser.add_argument("--dim", type=int, help="model width (default 1024, --quick 256)")
-    parser.add_argument("--n-layers", type=int, help="transformer blocks (default 8, --quick 2)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size (default 32000, --quick 8192)")
-    parser.add_argument("--n-heads", type=int, default=16, help="attention heads (default 16)")
-    parser.add_argument("--n-kv-heads", type=int, default=8, help="key/value heads (default 8)")
-    parser.add_argument("--dir", help="parent folder of the temporary checkpoint folder (default: the system's)")
+    parser = common.model_parser(__doc__, PRESETS, "small model, 3 repeats: a smoke run of ~20 s",
+                                 "timed calls per row (default 5, --quick 3)")
     # Internal: set by the orchestrating process for the torchrun workers.
     parser.add_argument("--worker", choices=["two", "one"], help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
-        parser.error("--dim must be a multiple of --n-heads with an even head size (RoPE rotates pairs)")
+    common.apply_preset(parser, args, PRESETS)
     if args.n_heads % 2 or args.n_kv_heads % 2 or args.n_heads % args.n_kv_heads:
         parser.error("TP 2 needs even --n-heads and --n-kv-heads, and --n-kv-heads must divide --n-heads")
     return args
@@ -389,13 +364,9 @@ def main() -> None:
         run_worker(args)
         return
     start = time.perf_counter()
-    work_dir = Path(tempfile.mkdtemp(prefix="savepoint-reshard-", dir=args.dir))
-    print(f"benchmarking in {work_dir}", flush=True)
-    try:
+    with common.work_folder("savepoint-reshard-", args.dir) as work_dir:
         two = launch(2, "two", args, work_dir)
         one = launch(1, "one", args, work_dir)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
     report(args, two, one, time.perf_counter() - start)
 
 

@@ -1,7 +1,10 @@
 """Write docs/bad-input.md from the messages a run of tests/test_bad_input.py printed.
 
     SAVEPOINT_BAD_INPUT_REPORT=/tmp/bad_input.json ./run_tests.sh tests/test_bad_input.py
-    .venv/bin/python scripts/bad_input_doc.py /tmp/bad_input.json > docs/bad-input.md
+    .venv/bin/python -m scripts.bad_input_doc /tmp/bad_input.json > docs/bad-input.md
+
+Run it as a module from the repository root (as above), so that it imports the row tables from the
+``tests`` package there.
 
 Rows are grouped by the table they come from in the test; each shows the command the row runs
 (``savepoint train`` unless it says otherwise) and the whole of what it printed on stderr.
@@ -13,10 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the tests package, for the row tables
-
-from tests import test_bad_input as rows  # noqa: E402
+from tests import test_bad_input as rows
 
 AREAS = [
     ("Config and checkpoint folder", None),

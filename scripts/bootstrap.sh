@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with savepoint installed (editable), unless it is already there.
-# Usage: [SAVEPOINT_EXTRAS=test] source scripts/bootstrap.sh   ("test" also installs the test tools)
+# Usage: [SAVEPOINT_EXTRAS=test] source scripts/bootstrap.sh   ("test" also installs the test tools),
+# or bash scripts/bootstrap.sh to only make the venv (what the benchmarks need).
 # Sets PY to the interpreter to use. SAVEPOINT_PYTHON=/path/to/python skips the venv entirely.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
