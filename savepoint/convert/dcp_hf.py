@@ -57,9 +57,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import SerializationFormat
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from savepoint.checkpoint.coordination import as_savepoint_error
+from savepoint.checkpoint.fit import check_model_fits
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.convert.flavors import resolve_flavor, step_flavor
@@ -67,7 +68,7 @@ from savepoint.convert.output import check_output, staged_output
 from savepoint.convert.progress import Progress
 from savepoint.dtypes import FLOAT_DTYPES, torch_dtype
 from savepoint.durable import DCP_MARKER, HF_INDEX
-from savepoint.errors import CheckpointError, ConfigError, SavepointError
+from savepoint.errors import CheckpointError, ConfigError
 from savepoint.hf.assets import check_export_assets
 from savepoint.hf.folder import DEFAULT_SHARD_BYTES, SINGLE, SafetensorsReader, StreamingHFWriter, nbytes_of
 from savepoint.hf.llama3 import Llama3HFAdapter, hf_config, to_hf_key
@@ -118,17 +119,6 @@ def release_memory() -> None:
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-def _unwrap(error: BaseException, what: str) -> SavepointError:
-    """A one-line SavepointError for an error raised inside DCP (which wraps errors in CheckpointException)."""
-    inner = error
-    if isinstance(error, CheckpointException) and error.failures:
-        inner = next(iter(error.failures.values()))
-        inner = inner[0] if isinstance(inner, tuple) else inner
-    if isinstance(inner, SavepointError):
-        return inner
-    return CheckpointError(f"{what} failed: {type(inner).__name__}: {inner}")
 
 
 @contextmanager
@@ -223,7 +213,7 @@ def convert_from_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | Model
             with _quiet_dcp():
                 dcp.save(meta, storage_writer=_serial_writer(partial), planner=planner, no_dist=True)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise _unwrap(e, f"writing the DCP checkpoint into {partial}") from e
+            raise as_savepoint_error(e, f"writing the DCP checkpoint into {partial}") from e
         finally:
             planner.release()
     bar.close()
@@ -247,20 +237,8 @@ def check_dcp_keys(adapter: Llama3HFAdapter, saved: dict[str, Any], where: str) 
         CheckpointError: naming the first model tensor that is missing, has no place in the flavor,
             is not a tensor, or has the wrong shape.
     """
-    for key in sorted(saved):
-        if _is_model_key(key) and key not in adapter.shapes:
-            raise CheckpointError(f"{where}: tensor {key!r} has no place in a Llama 3 {adapter.flavor} model "
-                                  f"({adapter.args.n_layers} layers); check --model_flavor")
-    for key, shape in adapter.shapes.items():
-        entry = saved.get(key)
-        if entry is None:
-            raise CheckpointError(f"{where}: model tensor {key!r} is missing; the checkpoint is not a Llama 3 "
-                                  f"{adapter.flavor} model (or is a TorchTitan 0.3 layout)")
-        if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(f"{where}: {key!r} is not a tensor in the checkpoint")
-        if tuple(entry.size) != shape:
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {list(entry.size)} but the Llama 3 "
-                                  f"{adapter.flavor} model needs {list(shape)}; check --model_flavor")
+    check_model_fits(saved, adapter.shapes, where, flag="--model_flavor", model=f"Llama 3 {adapter.flavor} model",
+                     family=_is_model_key)
 
 
 def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
@@ -331,7 +309,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
                     with _quiet_dcp():
                         dcp.load({key: tensor}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
                 except (Exception, CheckpointException) as e:
-                    raise _unwrap(e, f"reading {key!r} from {src}") from e
+                    raise as_savepoint_error(e, f"reading {key!r} from {src}") from e
                 out = adapter.to_hf(key, tensor)[1]
                 del tensor
                 writer.add(hf_key, out)

@@ -26,12 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from savepoint.checkpoint.compat import saved_model_keys
+from savepoint.checkpoint.coordination import as_savepoint_error
+from savepoint.checkpoint.fit import check_model_fits
+from savepoint.checkpoint.reader import VerifyingReader
+from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.dtypes import FLOAT_DTYPES, torch_dtype
 from savepoint.durable import DCP_MARKER, fsync_file, publish
 from savepoint.errors import CheckpointError, SavepointError
-from savepoint.hf.llama3 import map_key
+from savepoint.hf.llama3 import map_key, savepoint_shapes
 from savepoint.models.llama3.args import ModelArgs
 
 # savepoint key -> torchtune key; ``{}`` stands for the layer index.
@@ -74,15 +80,6 @@ def from_torchtune(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {from_torchtune_key(k): v for k, v in state_dict.items()}
 
 
-def model_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every savepoint model key of ``args`` and its shape, from a meta-device model (no memory)."""
-    from savepoint.models.llama3.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP step folder, under savepoint's keys, in their saved dtypes.
 
@@ -93,38 +90,22 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
         CheckpointError: the folder is not a DCP checkpoint, or lacks a tensor of ``args``' model, or
             holds it with another shape.
     """
-    import torch.distributed.checkpoint as dcp
-
-    from savepoint.checkpoint.reader import VerifyingReader
-    from savepoint.checkpoint.safe_load import SafeLoadPlanner
-
     step_dir = Path(step_dir)
     if not (step_dir / DCP_MARKER).is_file():
         raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no {DCP_MARKER}); point it at a step-N "
                               "folder")
     reader = VerifyingReader.for_step(step_dir)
     saved = reader.read_metadata().state_dict_metadata
-    shapes = model_shapes(args)
+    shapes = savepoint_shapes(args)
     names = saved_model_keys(shapes, saved)
-    state = {}
-    for ours, shape in shapes.items():
-        meta = saved.get(names[ours])
-        if meta is None or not hasattr(meta, "size"):
-            raise CheckpointError(f"{step_dir} has no tensor {names[ours]!r}: it was saved from a different model")
-        if tuple(meta.size) != shape:
-            raise CheckpointError(f"{step_dir}: tensor {names[ours]!r} has shape {list(meta.size)} in the checkpoint "
-                                  f"but {list(shape)} in the model these args describe")
-        state[ours] = torch.empty(shape, dtype=meta.properties.dtype)
+    check_model_fits(saved, shapes, str(step_dir), flag="--model_flavor", names=names)
+    state = {ours: torch.empty(shape, dtype=saved[names[ours]].properties.dtype) for ours, shape in shapes.items()}
     reader.check_sizes()
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from savepoint.convert.dcp_hf import _unwrap
-
     try:
         dcp.load({names[k]: t for k, t in state.items()}, storage_reader=reader, planner=SafeLoadPlanner(),
                  no_dist=True)
     except (Exception, CheckpointException) as e:  # DCP wraps a failed read (one line per cause here)
-        raise _unwrap(e, f"reading the model tensors of {step_dir}") from e
+        raise as_savepoint_error(e, f"reading the model tensors of {step_dir}") from e
     return state
 
 
@@ -181,11 +162,6 @@ def build_torchtune_model(args: ModelArgs, max_seq_len: int | None = None) -> to
     return getattr(module, name)(**kwargs)
 
 
-__all__ = ["SAVEPOINT_TO_TORCHTUNE", "TORCHTUNE_TO_SAVEPOINT", "build_torchtune_model", "from_torchtune",
-           "from_torchtune_key", "read_model_state", "to_torchtune", "to_torchtune_key", "to_torchtune_state_dict",
-           "torchtune_builder"]
-
-
 def convert_to_torchtune(step_dir: str | Path, out_file: str | Path, args: ModelArgs,
                          dtype: torch.dtype | None = None) -> Path:
     """Write a step folder's weights as a torchtune ``.pt`` (torchtune keys), ready for ``load_state_dict``.
@@ -238,3 +214,8 @@ def main(argv: list[str]) -> None:
     name, kwargs = torchtune_builder(args)
     print(f"wrote {out}; in torchtune: model = torchtune.models.{name}.{name}(**{kwargs}); "
           f"model.load_state_dict(torch.load({str(out)!r}))")
+
+
+__all__ = ["SAVEPOINT_TO_TORCHTUNE", "TORCHTUNE_TO_SAVEPOINT", "build_torchtune_model", "convert_to_torchtune",
+           "from_torchtune", "from_torchtune_key", "read_model_state", "to_torchtune", "to_torchtune_key",
+           "to_torchtune_state_dict", "torchtune_builder"]
