@@ -26,8 +26,8 @@ from savepoint.config.job_config import (
     Training,
 )
 from savepoint.config.layout import seed_checkpoint_problems
+from savepoint.dtypes import FLOAT_DTYPES
 
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 # TorchTitan's docs spell the dataloader state "data_loader"; accept that spelling.
@@ -104,7 +104,7 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
     problems += need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
                       _finite(ckpt.preemption_grace_seconds) and ckpt.preemption_grace_seconds > 0,
                       "finite and > 0 (seconds to save after SIGTERM)")
-    problems += one_of(f"{p}export_dtype", ckpt.export_dtype, EXPORT_DTYPES)
+    problems += one_of(f"{p}export_dtype", ckpt.export_dtype, FLOAT_DTYPES)
     problems += one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
     problems += _exclude_problems(ckpt)
     if ckpt.last_save_in_hf and not ckpt.last_save_model_only:
