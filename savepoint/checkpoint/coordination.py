@@ -15,7 +15,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from savepoint.errors import CheckpointError, FatalCheckpointError, SavepointError
+from savepoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    FatalCheckpointError,
+    SavepointError,
+    UnsafeCheckpointError,
+)
 
 
 def is_rank0() -> bool:
@@ -26,23 +32,50 @@ def my_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# The error classes a failure keeps on every rank, most specific first: a rank's error that is none
+# of them (an OSError, DCP's own) arrives on the other ranks as a CheckpointError.
+ERROR_KINDS: dict[str, type[SavepointError]] = {
+    "FatalCheckpointError": FatalCheckpointError,
+    "CorruptCheckpointError": CorruptCheckpointError,
+    "UnsafeCheckpointError": UnsafeCheckpointError,
+    "CheckpointError": CheckpointError,
+}
+DEFAULT_KIND = "CheckpointError"
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``ERROR_KINDS`` entry of ``error`` (for DCP's CheckpointException, of the failing rank's own error)."""
+    inner = failing_error(error)[1]
+    return next((name for name, cls in ERROR_KINDS.items() if isinstance(inner, cls)), DEFAULT_KIND)
+
+
 @dataclass(frozen=True)
 class Failure:
     """A rank's error as every rank receives it: one line ('rank R: Type: message'), the errno of the
-    OSError behind it (None if none), and whether no later save can succeed either (``fatal``)."""
+    OSError behind it (None if none), and its class (``kind``, a key of ``ERROR_KINDS``)."""
 
     message: str
     errno: int | None = None
-    fatal: bool = False
+    kind: str = DEFAULT_KIND
 
     @classmethod
     def of(cls, error: BaseException, rank: int | None = None) -> Failure:
-        if isinstance(error, FatalCheckpointError):
-            return cls(str(error), error_errno(error), fatal=True)  # its message says all, ranks included
+        kind = error_kind(error)
+        if kind == "FatalCheckpointError":  # its message says all, ranks included
+            return cls(str(failing_error(error)[1]), error_errno(error), kind)
         message = root_cause(error)
         if rank is not None and not message.startswith("rank "):
             message = f"rank {rank}: {message}"
-        return cls(message, error_errno(error))
+        return cls(message, error_errno(error), kind)
+
+    @property
+    def fatal(self) -> bool:
+        """No later save can succeed either (the ranks do not share a folder, the lock is lost)."""
+        return self.kind == "FatalCheckpointError"
+
+    def error(self, message: str | None = None) -> SavepointError:
+        """The failing rank's error class, with ``message`` (default: the failure's own line)."""
+        return ERROR_KINDS.get(self.kind, CheckpointError)(self.message if message is None else message)
 
 
 class Coordinator:
@@ -80,17 +113,9 @@ class Coordinator:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         return not flags[0].item(), bool(flags[1].item())
 
-    def first_failure(self, error: BaseException | None) -> str | None:
-        """None if no rank has an error; else the lowest failing rank's, as 'rank R: Type: message'."""
-        mine = None if error is None else root_cause(error)
-        if self.group is None:
-            return mine
-        everyone: list[str | None] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, mine, group=self.group)
-        for rank, message in enumerate(everyone):
-            if message is not None:
-                return message if message.startswith("rank ") else f"rank {rank}: {message}"
-        return None
+    def first_failure(self, error: BaseException | None) -> Failure | None:
+        """None if no rank has an error; else the lowest failing rank's Failure, the same on every rank."""
+        return self.agree(error)[0]
 
     def agree(self, error: BaseException | None, report: Any = None) -> tuple[Failure | None, list[Any]]:
         """One gather: the lowest failing rank's Failure (None if every rank succeeded), the same on
@@ -112,24 +137,23 @@ class Coordinator:
         return box[0]
 
     def run_on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run ``fn`` on rank 0 only; every rank gets its result, or raises the same CheckpointError.
+        """Run ``fn`` on rank 0 only; every rank gets its result, or raises the same error.
 
         Other ranks wait in a collective meanwhile, so an error rank 0 kept to itself would hang
-        them: every error is caught and shared. A FatalCheckpointError stays one on every rank.
+        them: every error is caught and shared, and raised on every rank as its ``ERROR_KINDS``
+        class (a FatalCheckpointError stays one; errors outside savepoint become CheckpointError).
         """
         outcome: tuple[bool, Any] = (True, None)
         if is_rank0():
             try:
                 outcome = (True, fn())
-            except FatalCheckpointError as e:
-                outcome = (False, Failure(str(e), fatal=True))
             except SavepointError as e:
-                outcome = (False, Failure(str(e)))
+                outcome = (False, Failure(str(e), error_errno(e), error_kind(e)))
             except (Exception, CheckpointException) as e:
-                outcome = (False, Failure(f"{what} failed: {root_cause(e)}", error_errno(e)))
+                outcome = (False, Failure(f"{what} failed: {root_cause(e)}", error_errno(e), error_kind(e)))
         ok, value = self.from_rank0(outcome)
         if not ok:
-            raise (FatalCheckpointError if value.fatal else CheckpointError)(value.message)
+            raise value.error()
         return value
 
     def close(self) -> None:

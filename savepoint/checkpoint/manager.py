@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.compat import V03, detect_layout, from_v03_key, saved_model_keys, to_v03_key
 from savepoint.checkpoint.completeness import check_complete, remove_mark, writer_view
-from savepoint.checkpoint.coordination import Coordinator, Failure, is_rank0, my_rank, root_cause
+from savepoint.checkpoint.coordination import Coordinator, Failure, is_rank0, my_rank
 from savepoint.checkpoint.fit import check_component, check_model_fits, flavor_hint
 from savepoint.checkpoint.hashing import HashingWriter, collect_checksums
 from savepoint.checkpoint.lock import FolderLock
@@ -37,9 +37,7 @@ from savepoint.distributed import copy_full_into
 from savepoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
-    FatalCheckpointError,
     NotSupportedYet,
-    UnsafeCheckpointError,
 )
 from savepoint.hf.assets import check_export_assets
 from savepoint.hf.folder import SafetensorsReader, StreamingHFWriter
@@ -292,9 +290,9 @@ class CheckpointManager:
         if failure is not None and failure.fatal:
             if not is_rank0() and views[my_rank()].mark != views[0].mark:
                 self.folder.abort(step)  # this rank's own copy, which rank 0 never saw
-            raise FatalCheckpointError(failure.message) from error
+            raise failure.error() from error
         if failure is not None:
-            raise CheckpointError(
+            raise failure.error(
                 f"{how}saving step {step} {what}to {self.folder.step_dir(step)} failed ({failure.message}); "
                 f"nothing was committed and earlier steps are intact"
                 f"{disk_full_hint(failure.errno, self.folder.root, self.cfg.keep_latest_k)}"
@@ -530,7 +528,7 @@ class CheckpointManager:
         if failure is not None:
             if isinstance(error, CheckpointError):
                 raise error
-            raise _as_checkpoint_error(failure, path)
+            raise failure.error(f"loading {path} failed: {failure.message}")
         assert reader is not None
         if not reader.verified:
             logger.warning("%s has no checksums (written by TorchTitan: no step beside it has a manifest.json): "
@@ -567,7 +565,8 @@ class CheckpointManager:
         try:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.coord.group)
         except (Exception, CheckpointException) as e:
-            raise _as_checkpoint_error(root_cause(e), path) from e
+            failure = Failure.of(e)
+            raise failure.error(f"loading {path} failed: {failure.message}") from e
         staged.apply(path, saved)
         self.model_state.load_state_dict(model_sd)
         seconds = time.perf_counter() - start
@@ -605,14 +604,6 @@ class _SavedRNGOnly(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
-
-
-def _as_checkpoint_error(message: str, path: Path) -> CheckpointError:
-    """The error class a (possibly other rank's) failure message stands for: corruption is told apart."""
-    for cls in (CorruptCheckpointError, UnsafeCheckpointError):
-        if f"{cls.__name__}: " in message:
-            return cls(f"loading {path} failed: {message}")
-    return CheckpointError(f"loading {path} failed: {message}")
 
 
 def _bytes_read(metadata: Any, state: dict[str, Any]) -> int:
