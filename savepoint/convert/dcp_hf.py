@@ -259,6 +259,19 @@ def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
         raise CheckpointError(f"{src}/{DCP_MARKER} is not readable DCP metadata ({type(e).__name__}: {e})") from e
 
 
+def _load_one(reader: VerifyingReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+              src: Path) -> torch.Tensor:
+    """The tensor ``key`` of the step, in ``dtype``: one ``dcp.load`` (DCP assembles its chunks and tiles)."""
+    # DCP copies what it reads into this tensor, casting as Tensor.to would: no second copy to cast.
+    tensor = torch.empty(shape, dtype=dtype)
+    try:
+        with _quiet_dcp():
+            dcp.load({key: tensor}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise as_savepoint_error(e, f"reading {key!r} from {src}") from e
+    return tensor
+
+
 def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelArgs | None = None,
                   hf_assets_path: str | Path | None = None, export_dtype: str = "float32",
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
@@ -303,15 +316,7 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
         writer = StreamingHFWriter(partial, plan, max_shard_bytes)
         try:
             for (hf_key, shape, target), key in zip(plan, adapter.shapes, strict=True):
-                # DCP copies what it reads into this tensor, casting as Tensor.to would: no second copy to cast.
-                tensor = torch.empty(shape, dtype=target)
-                try:
-                    with _quiet_dcp():
-                        dcp.load({key: tensor}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-                except (Exception, CheckpointException) as e:
-                    raise as_savepoint_error(e, f"reading {key!r} from {src}") from e
-                out = adapter.to_hf(key, tensor)[1]
-                del tensor
+                out = adapter.to_hf(key, _load_one(reader, key, shape, target, src))[1]
                 writer.add(hf_key, out)
                 bar.update(out.nbytes)
                 del out
