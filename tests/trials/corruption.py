@@ -292,7 +292,7 @@ class Loaders:
         scramble(trainer)
         old = trainer.checkpointer
         manager = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, old.model_state.model, old.states,
-                                    old.job_config, old.layout, old.column_tiled, old.hf_adapter, old.hf_assets_path)
+                                    old.job_config, old.layout, old.column_tiled, old.hf.adapter, old.hf.assets_path)
         return trainer, manager
 
 
