@@ -246,7 +246,7 @@ def one_process_worker(model_args: ModelArgs, device: torch.device, work_dir: Pa
 
 def untiled_vs_tiled_saves(manager: CheckpointManager, clock: Clock, repeats: int) -> tuple[list[float], list[float]]:
     """What column tiles cost a save: alternating saves with DCP's default planner and with the tiled one."""
-    import savepoint.checkpoint.manager as manager_module
+    import savepoint.checkpoint.writing as manager_module
 
     tiled_planner = manager_module.TiledSavePlanner
     seconds: dict[bool, list[float]] = {False: [], True: []}

@@ -193,7 +193,7 @@ def test_wrong_flavor_names_the_tensor(train, tmp_path):
 
 
 def test_only_saved_rng_states_are_requested():
-    from savepoint.checkpoint.manager import _SavedRNGOnly
+    from savepoint.checkpoint.loading import SavedRNGOnly as _SavedRNGOnly
     from savepoint.checkpoint.states import TrainState
 
     class GpuTrainState(TrainState):

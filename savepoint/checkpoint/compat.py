@@ -113,14 +113,14 @@ def detect_layout(saved_keys: Collection[str]) -> str:
 def saved_model_keys(model_keys: Iterable[str], saved_keys: Collection[str]) -> dict[str, str]:
     """For each of our model keys, the key under which the checkpoint stores that tensor.
 
-    Contract (for ``CheckpointManager._load_from`` and offline readers):
+    Contract (for ``loading.StepLoader`` and offline readers):
 
     * The result has exactly one entry per key of ``model_keys``, in the same order: ``{our key: saved key}``.
     * v0.2.x layout (savepoint's own checkpoints, TorchTitan v0.2.x): the identity.
     * TorchTitan 0.3 layout (see ``detect_layout``): the 0.3 name of every key (``to_v03_key``); keys 0.3
       did not rename map to themselves.
     * Mixed or unrecognised layouts: the identity, so that the caller's usual check of every key against
-      the metadata (``_check_model_fits``) reports the first missing tensor by name.
+      the metadata (``fit.check_model_fits``) reports the first missing tensor by name.
     * Nothing is checked here: a mapped key may still be missing from ``saved_keys`` or have another
       shape; the caller checks ``saved_keys[mapping[k]]`` as it would ``saved_keys[k]``.
 
