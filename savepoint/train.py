@@ -1,12 +1,12 @@
 """The training loop: build the parts from the config, resume, train, checkpoint.
 
-The loop calls the checkpoint manager at fixed points: ``load`` once before the first step and
-``save`` after every step (the manager decides whether the step is due).
+The loop calls the checkpoint manager at fixed points: ``load`` once before the first step, and
+``step_done`` after every step: the manager decides whether the step is due for a save, commits
+finished async saves, and writes the preemption checkpoint when some rank got SIGTERM.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -147,6 +146,11 @@ class Preemption:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
             self._installed = False
+
+    def requested_at(self, step: int) -> bool:
+        """Whether SIGTERM came; notes ``step`` as the one training is at (for the timeout message)."""
+        self.step = step
+        return self.requested
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
@@ -293,14 +297,10 @@ class Trainer:
         logger.info("training %s (%s) from step %d to %d on %s, %s", self.cfg.model.name, self.cfg.model.flavor,
                     self.train_state.step, steps, self.device, self.dims.describe())
         last = steps if stop_after is None else min(steps, stop_after)
-        saved = self.train_state.step if loaded is not None else None  # the newest step this run has saved
-        while self.train_state.step < last:
-            preemption.step = self.train_state.step
-            # One collective: commits a finished async save, and tells whether any rank got SIGTERM.
-            stop = self._periodic(lambda: self.checkpointer.poll(preemption.requested))
-            if stop:
-                self._save_for_preemption(self.train_state.step, saved)
-                return
+        # SIGTERM during start-up stops before the first step (the checkpointer saves what it must).
+        stop = self.train_state.step < last and self.checkpointer.check_stop(self.train_state.step,
+                                                                             preemption.requested_at)
+        while not stop and self.train_state.step < last:
             self.train_state.step += 1
             step = self.train_state.step
             start = time.perf_counter()
@@ -308,46 +308,11 @@ class Trainer:
             elapsed = time.perf_counter() - start
             record["tokens_per_second"] = self.dataloader.local_batch_size * self.cfg.training.seq_len / elapsed
             self.metrics.maybe_log(step, step == steps, record)
-            if step == steps:  # the final save: a failure ends the run with an error
-                self._periodic(self.checkpointer.finish_inflight)  # an earlier save's failure is not the final's
-                if self.checkpointer.save(step, last_step=True):
-                    saved = step
-            elif self._periodic(functools.partial(self.checkpointer.save, step)):
-                saved = step
-        logger.info("stopped at step %d", self.train_state.step)
-
-    @staticmethod
-    def _periodic(save: Callable[[], object]) -> object:
-        """Run a periodic save (or the poll that surfaces one); on failure log it and go on training.
-
-        The commit protocol already removed the failed step and kept the older ones; stopping would
-        only lose the training done since the last committed step.
-        """
-        try:
-            return save()
-        except CheckpointError as e:
-            logger.error("%s; training continues and the next save retries", e)
-            return None
-
-    def _save_for_preemption(self, step: int, saved: int | None) -> None:
-        """Every rank agreed to stop after ``step``: commit it (unless just saved) and return."""
-        ckpt = self.checkpointer
-        if not ckpt.cfg.enable or ckpt.cfg.load_only:
-            flag = "--checkpoint.load_only is set" if ckpt.cfg.enable else "--checkpoint.enable is off"
-            logger.warning("preempted at step %d: nothing was saved (%s); a restart begins from scratch",
-                           step, flag)
-            return
-        try:
-            ckpt.finish_inflight()  # the save in flight is committed (if it was this step's, that is all)
-        except CheckpointError as e:
-            logger.error("%s; saving step %d again, synchronously", e, step)
-            saved = None
-        if saved != step:
-            if step == 0:
-                logger.warning("preempted before the first step: nothing to save")
-                return
-            ckpt.save_now(step)
-        logger.info("preempted at step %d: checkpoint step-%d committed", step, step)
+            # Saves if due, commits a finished async save, and stops (after a preemption save) on SIGTERM.
+            stop = self.checkpointer.step_done(step, preemption.requested_at, last_step=step == steps,
+                                               more=step < last)
+        if not stop:
+            logger.info("stopped at step %d", self.train_state.step)
 
 
 def run(cfg: JobConfig) -> None:
