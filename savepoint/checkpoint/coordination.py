@@ -79,7 +79,7 @@ class Failure:
 
 
 class Coordinator:
-    """Barriers and agreement among the ranks of one job, on a gloo group of their own.
+    """Agreement among the ranks of one job, on a gloo group of their own.
 
     The commit protocol needs every rank to reach the same verdict (written, committed, failed),
     so that no rank goes on while another saw the step fail. A dedicated gloo group keeps these
@@ -88,22 +88,6 @@ class Coordinator:
 
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
-
-    def all_true(self, value: bool) -> bool:
-        """True only if ``value`` on every rank."""
-        if self.group is None:
-            return value
-        flag = torch.tensor([int(value)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
-
-    def any_true(self, value: bool) -> bool:
-        """True if ``value`` on some rank."""
-        return self.all_and_any(True, value)[1]
 
     def all_and_any(self, all_value: bool, any_value: bool) -> tuple[bool, bool]:
         """(``all_value`` on every rank, ``any_value`` on some rank), in one collective."""

@@ -177,7 +177,7 @@ class AsyncSaver:
 
     def _write(self, staged_state: dict[str, Any], planner: SavePlanner, writer: StorageWriter) -> Any:
         """``async``, on the worker thread: write the staged copy, at the writer's priority."""
-        _set_niceness(0, self.writer_niceness)  # this thread and those it starts (DCP's, the hashing helper)
+        _set_niceness(0, self.writer_niceness)  # this thread and those it starts (DCP's, the hashing thread)
         return dcp.save(staged_state, storage_writer=writer, planner=planner, process_group=self.group)
 
     def _start_pinned(self, state: dict[str, Any], planner: SavePlanner, writer: StorageWriter, staged: Future,
