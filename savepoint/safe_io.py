@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -85,16 +86,8 @@ def open_regular(path: str | os.PathLike, what: str = "file", error: type[Except
         if kind:
             raise error(f"{path} is {kind}, not a regular file: refusing to read it as a {what}") from None
         raise error(f"cannot open {path}: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path} is {describe_mode(mode)}, not a regular file: refusing to read it as a {what}")
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return _regular_file(fd, "rb", lambda kind: error(
+        f"{path} is {kind}, not a regular file: refusing to read it as a {what}"))
 
 
 def read_regular(path: str | os.PathLike, limit: int, what: str = "file",
@@ -150,14 +143,20 @@ def open_append_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO
             raise CheckpointError(f"{path} is {kind}, not a regular file: refusing to write the {what} "
                                   "through it; remove it") from None
         raise
+    return _regular_file(fd, "ab", lambda kind: CheckpointError(
+        f"{path} is {kind}, not a regular file: refusing to write the {what} into it; remove it"))
+
+
+def _regular_file(fd: int, mode: str, refuse: Callable[[str], Exception]) -> BinaryIO:
+    """Wrap the descriptor ``fd`` (opened O_NONBLOCK) in a blocking file object if it is a regular
+    file; else close it and raise ``refuse(what it is)``."""
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(f"{path} is {describe_mode(mode)}, not a regular file: refusing to write the "
-                                  f"{what} into it; remove it")
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise refuse(describe_mode(st_mode))
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "ab")
+        return os.fdopen(fd, mode)
     except BaseException:
         os.close(fd)
         raise

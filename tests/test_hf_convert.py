@@ -1,4 +1,4 @@
-"""Offline HF <-> DCP conversion (``savepoint/hf/convert.py`` and ``scripts/checkpoint_conversion``).
+"""Offline HF <-> DCP conversion (``savepoint/convert/`` and ``scripts/checkpoint_conversion``).
 
 Tiny random ``LlamaForCausalLM`` folders (GQA) stand in for real downloads; logits are compared with
 transformers' own forward, round trips bit by bit, and the real 8B/70B flavors on meta tensors.
@@ -440,6 +440,20 @@ def test_scripts_round_trip_in_the_documented_form(debug_hf, tmp_path):
                          {k: v.to(torch.bfloat16) for k, v in hf_tensors(debug_hf).items()})
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
     assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_the_guides_example_path_and_a_python_without_savepoint(debug_hf, tmp_path):
+    """The guide's example runs ``scripts/convert_from_hf.py``; a Python lacking savepoint gets one line."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_from_hf.py"), str(debug_hf),
+                           str(tmp_path / "initial_load_path"), "--model_name", "llama3", "--model_flavor",
+                           "debugmodel"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "-> DCP: 57/57 tensors" in done.stderr
+    assert (tmp_path / "initial_load_path" / ".metadata").is_file()
+    bare = subprocess.run([sys.executable, "-I", "-S", str(SCRIPTS / "convert_to_hf.py"), "a", "b"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 1
+    assert bare.stderr.startswith("error: savepoint is not installed for ") and "pip install -e ." in bare.stderr
 
 
 @pytest.mark.parametrize("args, words", [

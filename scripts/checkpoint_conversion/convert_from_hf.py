@@ -11,9 +11,11 @@ directory; see ``savepoint/convert/``.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from savepoint.convert.cli import main  # noqa: E402
+try:
+    from savepoint.convert.cli import main
+except ModuleNotFoundError as e:  # run with a Python that lacks savepoint (or torch)
+    sys.exit(f"error: {e.name} is not installed for {sys.executable}; use the repository's .venv/bin/python "
+             "(./run_train.sh creates it) or `pip install -e .` in the repository first")
 
 if __name__ == "__main__":
     sys.exit(main(["from_hf", *sys.argv[1:]], prog=Path(__file__).name))
