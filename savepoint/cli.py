@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from savepoint.errors import SavepointError
+from savepoint.errors import ConfigError, SavepointError
 
 # command -> (arguments, what it does); the order is the order of `savepoint --help`.
 COMMAND_HELP = {
@@ -92,6 +92,9 @@ def cmd_check(argv: list[str]) -> None:
     if world_size:
         from savepoint.job import resolve_parallel_dims
 
+        if not world_size.isdecimal() or int(world_size) < 1:
+            raise ConfigError([f"SAVEPOINT_WORLD_SIZE={world_size!r}: it must be the number of training processes "
+                               "(1 or more), as run_train.sh sets it from NGPU; unset it to check only the config"])
         resolve_parallel_dims(cfg, int(world_size))
 
 

@@ -20,8 +20,8 @@ BAD_INPUTS = {
 }
 
 
-def savepoint(*args: str, config: str | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "CONFIG_FILE": config or str(ROOT / "configs/debug_model.toml")}
+def savepoint(*args: str, config: str | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "CONFIG_FILE": config or str(ROOT / "configs/debug_model.toml"), **extra_env}
     return subprocess.run([sys.executable, "-m", "savepoint", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -33,6 +33,15 @@ def test_bad_cli_input(case):
     assert proc.returncode == 1
     assert expected in proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("world_size", ["abc", "0", "-2", "1.5"])
+def test_a_bad_world_size_is_one_line(world_size):
+    proc = savepoint("check", SAVEPOINT_WORLD_SIZE=world_size)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: invalid configuration: SAVEPOINT_WORLD_SIZE={world_size!r}")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert savepoint("check", SAVEPOINT_WORLD_SIZE="2").returncode == 0
 
 
 def test_bad_toml(tmp_path):
