@@ -207,7 +207,7 @@ def test_manifest_nesting_is_bounded_before_parsing():
 
 
 def test_one_manifest_reader(base, tmp_path):
-    """CheckpointFolder.read_manifest is integrity.read_manifest: the same checks, the same errors."""
+    """CheckpointFolder.read_manifest is manifest.read_manifest: the same checks, the same errors."""
     dump = copy_of(base, tmp_path)
     folder = CheckpointFolder(dump / "checkpoint")
     assert folder.read_manifest(10) == read_manifest(folder.step_dir(10))

@@ -134,7 +134,7 @@ class CheckpointFolder:
         return steps[-1] if steps else None
 
     def read_manifest(self, step: int) -> dict[str, Any] | None:
-        """The step's manifest, checked (``integrity.read_manifest``); None without one (e.g. TorchTitan's).
+        """The step's manifest, checked (``manifest.read_manifest``); None without one (e.g. TorchTitan's).
 
         Raises:
             CorruptCheckpointError: something is at ``manifest.json`` but it is not a sound manifest.
