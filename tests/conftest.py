@@ -72,3 +72,38 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         lock_module._release_all()  # a failed run leaves its manager open: drop its lock as its exit would
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# ---- Hugging Face models for the conversion tests (see convert_support.py) -------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """(HF model, its saved folder) for TINY."""
+    from tests.convert_support import TINY, hf_model
+
+    model = hf_model(TINY)
+    folder = tmp_path_factory.mktemp("tiny") / "hf"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def debug_hf(tmp_path_factory) -> Path:
+    """An HF folder of the real ``debugmodel`` flavor (for the scripts, which only know real flavors)."""
+    from tests.convert_support import DEBUG, hf_model
+
+    folder = tmp_path_factory.mktemp("debug") / "hf"
+    hf_model(DEBUG, seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def flavors(monkeypatch):
+    """Register extra flavors for the test: ``flavors(name=ModelArgs)``."""
+    from savepoint.models.llama3.args import LLAMA3_FLAVORS
+
+    def add(**extra) -> None:
+        for name, args in extra.items():
+            monkeypatch.setitem(LLAMA3_FLAVORS, name, args)
+    return add

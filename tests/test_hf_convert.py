@@ -6,25 +6,18 @@ transformers' own forward, round trips bit by bit, and the real 8B/70B flavors o
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorProperties, TensorStorageMetadata
 
 from savepoint import convert
-from savepoint.checkpoint.planner import TiledSavePlanner
-from savepoint.convert import Progress, check_dcp_keys, convert_from_hf, convert_to_hf, main, partial_path
+from savepoint.convert import check_dcp_keys, convert_from_hf, convert_to_hf, main, partial_path
 from savepoint.errors import CheckpointError, ConfigError
 from savepoint.hf.llama3 import (
     Llama3HFAdapter,
@@ -37,118 +30,19 @@ from savepoint.hf.llama3 import (
 )
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 from savepoint.models.llama3.model import Transformer
-from tests.conftest import ROOT
-
-transformers = pytest.importorskip("transformers")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# GQA (4 query heads, 2 kv heads) and llama3 RoPE scaling that matters at these lengths.
-TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=64,
-                 rope_theta=10000.0, rope_original_max_pos=16, rope_scaling_factor=4.0)
-DEBUG = LLAMA3_FLAVORS["debugmodel"]
-SCRIPTS = ROOT / "scripts" / "checkpoint_conversion"
-TOKENS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
-
-
-def hf_model(args: ModelArgs, seed: int = 0):
-    """A random fp32 ``LlamaForCausalLM`` for ``args``; every weight (norms too) differs from its init value."""
-    cfg = {k: v for k, v in hf_config(args, torch.float32).items()
-           if k not in ("architectures", "model_type", "torch_dtype")}
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, attn_implementation="eager"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def our_model(step_dir: Path, args: ModelArgs) -> Transformer:
-    model = Transformer(args)
-    state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def dcp_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    saved = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in saved.items()
-             if isinstance(v, TensorStorageMetadata)}
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    return state
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k).clone() for k in f.keys()})
-    return out
-
-
-def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
-def save_dcp(state: dict[str, torch.Tensor], step_dir: Path) -> None:
-    """A model-only checkpoint as the trainer writes it: column tiles for wo and w2."""
-    planner = TiledSavePlanner(tile_if=lambda k: k.endswith(("wo.weight", "w2.weight")), min_tile_bytes=1024)
-    dcp.save(state, checkpoint_id=str(step_dir), planner=planner, no_dist=True)
-
-
-def assets_folder(path: Path) -> Path:
-    path.mkdir()
-    (path / "tokenizer.json").write_text('{"version": "1.0"}\n')
-    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    (path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 3]}))
-    return path
-
-
-def script(name: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """Run a conversion script exactly as the docs do, from another directory."""
-    cmd = [sys.executable, str(SCRIPTS / name), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """(HF model, its saved folder) for TINY."""
-    model = hf_model(TINY)
-    folder = tmp_path_factory.mktemp("tiny") / "hf"
-    model.save_pretrained(folder)
-    return model, folder
-
-
-@pytest.fixture(scope="module")
-def debug_hf(tmp_path_factory) -> Path:
-    """An HF folder of the real ``debugmodel`` flavor (for the scripts, which only know real flavors)."""
-    folder = tmp_path_factory.mktemp("debug") / "hf"
-    hf_model(DEBUG, seed=1).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def flavors(monkeypatch):
-    """Register extra flavors for the test: ``flavors(name=ModelArgs)``."""
-    def add(**extra: ModelArgs) -> None:
-        for name, args in extra.items():
-            monkeypatch.setitem(LLAMA3_FLAVORS, name, args)
-    return add
-
+from tests.convert_support import (
+    DEBUG,
+    TINY,
+    TOKENS,
+    assert_bit_identical,
+    assets_folder,
+    dcp_tensors,
+    hf_tensors,
+    one_error_line,
+    our_model,
+    save_dcp,
+    transformers,
+)
 
 # ---- logits parity ---------------------------------------------------------------------------------
 
@@ -419,205 +313,3 @@ def test_bad_dcp_inputs(tmp_path, flavors):
     with pytest.raises(ConfigError, match="'13B' is not a Llama 3 flavor"):
         convert_to_hf(tmp_path / "ckpt/step-3", tmp_path / "out", "13B")
     assert not (tmp_path / "out").exists()
-
-
-# ---- the scripts, exactly as documented ------------------------------------------------------------
-
-
-def test_scripts_round_trip_in_the_documented_form(debug_hf, tmp_path):
-    elsewhere = tmp_path / "cwd"
-    elsewhere.mkdir()
-    done = script("convert_from_hf.py", debug_hf, tmp_path / "initial_load_path", "--model_name", "llama3",
-                  "--model_flavor", "debugmodel", cwd=elsewhere)
-    assert done.returncode == 0, done.stderr
-    assert "-> DCP: 57/57 tensors" in done.stderr
-    assets = assets_folder(tmp_path / "assets")
-    done = script("convert_to_hf.py", tmp_path / "initial_load_path", tmp_path / "hf", "--hf_assets_path", assets,
-                  "--model_name", "llama3", "--model_flavor", "debugmodel", "--export_dtype", "bfloat16",
-                  cwd=elsewhere)
-    assert done.returncode == 0, done.stderr
-    assert_bit_identical(hf_tensors(tmp_path / "hf"),
-                         {k: v.to(torch.bfloat16) for k, v in hf_tensors(debug_hf).items()})
-    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
-    assert sorted(p.name for p in elsewhere.iterdir()) == []
-
-
-def test_the_guides_example_path_and_a_python_without_savepoint(debug_hf, tmp_path):
-    """The guide's example runs ``scripts/convert_from_hf.py``; a Python lacking savepoint gets one line."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_from_hf.py"), str(debug_hf),
-                           str(tmp_path / "initial_load_path"), "--model_name", "llama3", "--model_flavor",
-                           "debugmodel"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "-> DCP: 57/57 tensors" in done.stderr
-    assert (tmp_path / "initial_load_path" / ".metadata").is_file()
-    bare = subprocess.run([sys.executable, "-I", "-S", str(SCRIPTS / "convert_to_hf.py"), "a", "b"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert bare.returncode == 1
-    assert bare.stderr.startswith("error: savepoint is not installed for ") and "pip install -e ." in bare.stderr
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--model_name", "llama4"], ["argument --model_name: invalid choice: 'llama4'"]),
-    (["--model_flavor", "8B"], ["'model.layers.6.self_attn.q_proj.weight'", "is missing", "8B"]),
-])
-def test_script_errors_are_one_line_and_exit_1(debug_hf, tmp_path, args, words):
-    done = script("convert_from_hf.py", debug_hf, tmp_path / "out", *args, cwd=tmp_path)
-    assert done.returncode == 1
-    line = one_error_line(done.stderr)
-    for word in words:
-        assert word in line
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_entry_point_arguments(tiny_hf, tmp_path, flavors, capsys):
-    flavors(tiny=TINY)
-    _, folder = tiny_hf
-    assert main(["from_hf", str(folder), str(tmp_path / "dcp"), "--model_flavor", "tiny"]) == 0
-    assert main(["to_hf", str(tmp_path / "dcp"), str(tmp_path / "hf"), "--model_flavor", "tiny",
-                 "--max_shard_size", "50KB"]) == 0
-    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
-    assert main(["sideways", "a", "b"]) == 1
-    assert "usage: savepoint convert" in capsys.readouterr().err
-    assert main(["to_hf", "a", "b", "--max_shard_size", "lots"]) == 1
-    assert "is not a size" in capsys.readouterr().err
-    assert convert.parse_size("5GB") == 5 * 10**9 and convert.parse_size("4GiB") == 4 * 2**30
-    assert main(["to_hf", str(tmp_path / "hf"), str(tmp_path / "x"), "--model_flavor", "tiny"]) == 1
-    assert "it is a Hugging Face folder already" in capsys.readouterr().err
-
-
-def test_savepoint_convert_command(tiny_hf, tmp_path, flavors, capsys):
-    from savepoint import cli
-
-    if "convert" not in cli.COMMANDS:
-        pytest.skip("savepoint/cli.py has no convert command yet")
-    flavors(tiny=TINY)
-    _, folder = tiny_hf
-    assert cli.main(["convert", "from_hf", str(folder), str(tmp_path / "dcp"), "--model_flavor", "tiny"]) == 0
-    assert cli.main(["convert", "to_hf", str(tmp_path / "dcp"), str(tmp_path / "hf"), "--model_flavor", "tiny",
-                     "--export_dtype", "bfloat16"]) == 0
-    assert_bit_identical(hf_tensors(tmp_path / "hf"), {k: v.to(torch.bfloat16) for k, v in hf_tensors(folder).items()})
-    assert cli.main(["convert", "from_hf", str(folder), str(tmp_path / "dcp"), "--model_flavor", "tiny"]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: output folder")
-
-
-# ---- N ranks, progress -----------------------------------------------------------------------------
-
-WORKER = """
-import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
-from savepoint.checkpoint.planner import TiledSavePlanner
-from savepoint.models.llama3.args import ModelArgs
-from savepoint.models.llama3.model import Transformer
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (2,))
-torch.manual_seed(5)
-args = ModelArgs(**eval(sys.argv[2]))
-full = {k: torch.randn(v.shape) for k, v in Transformer(args).state_dict().items()}
-# rows for most tensors (FSDP), columns for wo/w2 (TP), odd sizes split unevenly
-state = {k: distribute_tensor(v, mesh, [Shard(1) if k.endswith(("wo.weight", "w2.weight")) else Shard(0)])
-         for k, v in full.items()}
-dcp.save(state, checkpoint_id=sys.argv[1] + "/step-2", planner=TiledSavePlanner(min_tile_bytes=1024))
-if dist.get_rank() == 0:
-    torch.save(full, sys.argv[1] + "/full.pt")
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.distributed
-def test_two_rank_sharded_and_tiled_checkpoint(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
-    args = {**TINY.__dict__, "vocab_size": 301}  # an odd row count: uneven shards
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", str(tmp_path / "worker.py"), str(tmp_path), repr(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert len(list((tmp_path / "step-2").glob("*.distcp"))) == 2
-    chunks = FileSystemReader(str(tmp_path / "step-2")).read_metadata().state_dict_metadata
-    assert len(chunks["layers.0.attention.wo.weight"].chunks) > 2  # column shards, then tiles
-    flavor = ModelArgs(**args)
-    convert_to_hf(tmp_path / "step-2", tmp_path / "hf", flavor, progress=False)
-    got = {from_hf_key(k): from_hf_tensor(from_hf_key(k), t, flavor) for k, t in hf_tensors(tmp_path / "hf").items()}
-    assert_bit_identical(torch.load(tmp_path / "full.pt"), got)
-
-
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_is_one_updating_line():
-    tty = _Tty()
-    bar = Progress("x", 3, 3_000_000, stream=tty, interval=0)
-    for _ in range(3):
-        bar.update(1_000_000)
-    bar.close()
-    text = tty.getvalue()
-    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 4
-    assert "x: 3/3 tensors, 3.0/3.0 MB" in text.splitlines()[-1].split("\r")[-1]
-    plain = io.StringIO()
-    bar = Progress("x", 2, 10, stream=plain)
-    bar.update(5)
-    bar.update(5)
-    bar.close()
-    assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue()
-
-
-# ---- exports: what transformers sees, tokenizer assets, the recorded flavor -------------------------
-
-
-def load_in_transformers(folder: Path):
-    """(model, every warning transformers logged or raised while loading ``folder``)."""
-    import logging
-    import warnings
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    hf_logger = logging.getLogger("transformers")
-    hf_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
-    finally:
-        hf_logger.removeHandler(handler)
-    return model, [r.getMessage() for r in records] + [str(w.message) for w in caught]
-
-
-def test_export_without_assets_warns_and_loads_silently_in_transformers(train, tmp_path, caplog):
-    trainer = train(stop_after=5)
-    step = tmp_path / "run" / "checkpoint" / "step-5"
-    caplog.clear()
-    convert_to_hf(step, tmp_path / "hf", progress=False)  # the flavor comes from the step's manifest
-    assert "--hf_assets_path is not set: the Hugging Face export will have no tokenizer files" in caplog.text
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["max_position_embeddings"] > config["rope_scaling"]["original_max_position_embeddings"]
-    hf, warned = load_in_transformers(tmp_path / "hf")
-    assert warned == []
-    tokens = torch.randint(0, DEBUG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))  # seq_len 32
-    with torch.no_grad():
-        diff = (hf(tokens).logits - trainer.model.eval()(tokens)).abs().max().item()
-    assert diff < 1e-5, diff
-
-
-def test_export_with_an_empty_assets_folder_warns(tmp_path, caplog):
-    save_dcp({k: torch.randn(v.shape) for k, v in Transformer(TINY).state_dict().items()}, tmp_path / "step-1")
-    (tmp_path / "assets").mkdir()
-    convert_to_hf(tmp_path / "step-1", tmp_path / "hf", TINY, hf_assets_path=tmp_path / "assets", progress=False)
-    assert f"--hf_assets_path={tmp_path / 'assets'} holds no tokenizer files" in caplog.text
-
-
-def test_to_hf_takes_the_flavor_the_manifest_records(train, tmp_path, capsys):
-    train(stop_after=5)
-    step = tmp_path / "run" / "checkpoint" / "step-5"
-    assert main(["to_hf", str(step), str(tmp_path / "hf")]) == 0
-    assert "as Llama 3 debugmodel (as its manifest.json records" in capsys.readouterr().out
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == DEBUG.dim
-    assert main(["to_hf", str(step), str(tmp_path / "hf2"), "--model_flavor", "debugmodel"]) == 0
-    capsys.readouterr()
-    assert main(["to_hf", str(step), str(tmp_path / "hf3"), "--model_flavor", "8B"]) == 1
-    line = one_error_line(capsys.readouterr().err)
-    assert "--model_flavor 8B does not match" in line and "trained with flavor debugmodel" in line
-    assert "drop --model_flavor" in line and not (tmp_path / "hf3").exists()

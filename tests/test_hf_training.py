@@ -17,7 +17,7 @@ from savepoint.errors import CheckpointError
 from savepoint.hf.folder import HFFolder
 from savepoint.hf.llama3 import to_hf_key, to_hf_tensor
 from savepoint.models.llama3 import LLAMA3_FLAVORS
-from tests.test_hf_convert import load_in_transformers
+from tests.convert_support import load_in_transformers
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
