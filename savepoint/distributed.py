@@ -1,8 +1,9 @@
 """Process group, device and device mesh for one training job.
 
 Under torchrun every process joins one process group (nccl on CUDA, gloo on CPU, or what
-``--comm.backend`` says) and a mesh ``("dp_replicate", "dp_shard", "tp")`` is built from the
-resolved degrees. A single process without torchrun needs neither.
+``--comm.backend`` says) and a mesh ``("pp", "dp_replicate", "dp_shard", "tp")`` is built from
+the resolved degrees (TorchTitan's order: ranks that differ only in TP are neighbours).
+A single process without torchrun needs neither.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from savepoint.parallel_dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 def world_size() -> int:
@@ -63,14 +64,15 @@ def init_distributed(comm: CommSettings) -> torch.device:
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
-    """The 3-D mesh ``dp_replicate x dp_shard x tp`` (sizes may be 1); None for one process."""
+    """The 4-D mesh ``pp x dp_replicate x dp_shard x tp`` (sizes may be 1); None for one process."""
     if dims.world_size == 1:
         return None
-    return init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device.type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+                            mesh_dim_names=MESH_DIMS)
 
 
 def dp_rank(mesh: DeviceMesh | None, dims: ParallelDims) -> int:
-    """This rank's index among the data-parallel ranks (ranks that differ only in TP share it)."""
+    """This rank's index among the data-parallel ranks (ranks that differ only in TP or PP share it)."""
     if mesh is None:
         return 0
     return mesh.get_local_rank("dp_replicate") * dims.dp_shard + mesh.get_local_rank("dp_shard")

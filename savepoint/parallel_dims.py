@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Resolved degrees; ``dp_replicate * dp_shard * tp == world_size``."""
+    """Resolved degrees; ``pp * dp_replicate * dp_shard * tp == world_size``."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
     world_size: int
+    pp: int = 1
 
     @property
     def dp(self) -> int:
@@ -29,7 +30,7 @@ class ParallelDims:
         return self.dp > 1
 
     def describe(self) -> str:
-        parts = []
+        parts = [f"PP {self.pp}"] if self.pp > 1 else []
         if self.dp_replicate > 1:
             parts.append(f"HSDP {self.dp_replicate}x{self.dp_shard}")
         elif self.dp_shard > 1:
@@ -39,5 +40,8 @@ class ParallelDims:
         return " + ".join(parts) or "1 process"
 
     def as_dict(self) -> dict[str, int]:
-        return {"data_parallel_replicate_degree": self.dp_replicate, "data_parallel_shard_degree": self.dp_shard,
-                "tensor_parallel_degree": self.tp, "world_size": self.world_size}
+        degrees = {"data_parallel_replicate_degree": self.dp_replicate, "data_parallel_shard_degree": self.dp_shard,
+                   "tensor_parallel_degree": self.tp}
+        if self.pp > 1:
+            degrees["pipeline_parallel_degree"] = self.pp
+        return {**degrees, "world_size": self.world_size}

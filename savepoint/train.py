@@ -39,23 +39,54 @@ from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.llama3 import Llama3HFAdapter
-from savepoint.models.llama3 import LLAMA3_FLAVORS, build_model
+from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer, build_model
+from savepoint.models.llama3.model import initialize
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
+from savepoint.parallel_dims import ParallelDims
+from savepoint.pipeline_plan import PipelinePlan, plan_pipeline
+from savepoint.pipelining import ModelParts, Pipeline, pp_grad_norm
 from savepoint.safe_io import open_append_regular
 
 logger = logging.getLogger(__name__)
 
 
-def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total L2 norm of all gradients (over every shard, for DTensors); clip to ``max_norm`` if > 0."""
+def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Total L2 norm of all gradients (over every shard, for DTensors, and every pipeline stage); clip to
+    ``max_norm`` if > 0."""
     grads = [p.grad for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the norm over the whole (unsharded) gradient
+    if pp_group is not None:
+        total = pp_grad_norm(total, pp_group)  # and over the other stages' gradients
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
     return total
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss: logits ``[bs, seq_len, vocab_size]``, labels ``[bs, seq_len]``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def pipeline_plan(cfg: JobConfig, dims: ParallelDims) -> PipelinePlan:
+    """The pipeline ``[parallelism]`` asks for, for this model and batch.
+
+    Raises:
+        ConfigError: it cannot run (the same words ``savepoint check`` prints before launch).
+    """
+    par = cfg.parallelism
+    plan, problems = plan_pipeline(
+        schedule=par.pipeline_parallel_schedule, pp=dims.pp, n_layers=LLAMA3_FLAVORS[cfg.model.flavor].n_layers,
+        local_batch_size=cfg.training.local_batch_size, microbatch_size=par.pipeline_parallel_microbatch_size,
+        layers_per_stage=par.pipeline_parallel_layers_per_stage,
+        first_less=par.pipeline_parallel_first_stage_less_layers,
+        last_less=par.pipeline_parallel_last_stage_less_layers, modules_per_stage=par.module_fqns_per_model_part)
+    if plan is None:
+        raise ConfigError(problems)
+    return plan
 
 
 class MetricsLog:
@@ -191,10 +222,18 @@ class Trainer:
         t = cfg.training
         mp_policy = mixed_precision(t.mixed_precision_param, t.mixed_precision_reduce, self.device)
         model_args = LLAMA3_FLAVORS[cfg.model.flavor].with_max_seq_len(t.seq_len)
-        self.model = build_model(
-            model_args, seed=t.seed, device=self.device,
-            parallelize=(lambda m: parallelize_llama(m, self.mesh, self.dims, mp_policy)) if self.mesh else None,
-        )
+        parallelize = (lambda m: parallelize_llama(m, self.mesh, self.dims, mp_policy)) if self.mesh else None
+        self.pipeline: Pipeline | None = None
+        if self.dims.pp > 1:
+            assert self.mesh is not None
+            with torch.device("meta"):
+                whole = Transformer(model_args)
+            self.pipeline = Pipeline(pipeline_plan(cfg, self.dims), whole, self.mesh["pp"], self.device,
+                                     parallelize, cross_entropy)
+            self.model = ModelParts(self.pipeline.parts, [name for name, _ in whole.named_children()])
+            initialize(self.model, t.seed, self.device, args=model_args)  # the weights of a 1-process init
+        else:
+            self.model = build_model(model_args, seed=t.seed, device=self.device, parallelize=parallelize)
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -245,11 +284,15 @@ class Trainer:
         """
         first = self.dataloader.sample_index  # global sample stream position of this step's batch
         inputs, labels = (t.to(self.device) for t in self.dataloader.next_batch())
-        logits = self.model(inputs)  # [bs, seq_len, vocab_size]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        loss.backward()
-        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm)
-        global_loss, norm = self._global_mean(loss.detach()), grad_norm.item()  # the same on every rank
+        if self.pipeline is not None:  # the loss exists on the last stage only
+            global_loss = self.pipeline.global_loss(self.pipeline.step(inputs, labels), self.dims.world_size)
+            pp_group = self.pipeline.group
+        else:
+            loss = cross_entropy(self.model(inputs), labels)
+            loss.backward()
+            global_loss, pp_group = self._global_mean(loss.detach()), None
+        grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_group)
+        norm = grad_norm.item()  # like the loss, the same on every rank
         if not (math.isfinite(global_loss) and math.isfinite(norm)):
             raise self._non_finite(global_loss, norm)
         lr = self.optimizer.param_groups[0]["lr"]

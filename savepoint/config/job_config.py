@@ -174,7 +174,33 @@ class Parallelism:
     """Tensor-parallel degree."""
 
     pipeline_parallel_degree: int = 1
-    """Pipeline-parallel degree."""
+    """Pipeline-parallel degree: how many ranks the layers are split over (looped schedules give each several
+    stages). 1 disables pipeline parallelism."""
+
+    pipeline_parallel_schedule: str = "1F1B"
+    """torch.distributed.pipelining schedule: single-stage GPipe or 1F1B (one stage per rank), looped
+    Interleaved1F1B, LoopedBFS or InterleavedZeroBubble, V-shaped ZBVZeroBubble or DualPipeV (two stages per rank).
+    Case-insensitive."""
+
+    pipeline_parallel_microbatch_size: int = 1
+    """Samples per pipeline microbatch; --training.local_batch_size must be a multiple of it."""
+
+    pipeline_parallel_layers_per_stage: int | None = None
+    """Layers per (virtual) stage, the embedding and the output counting as the two options below say; None:
+    one stage per rank for single-stage schedules, two for the others."""
+
+    pipeline_parallel_first_stage_less_layers: int = 1
+    """How many layers the embedding counts as, when stages share out the layers (the first stage gets fewer)."""
+
+    pipeline_parallel_last_stage_less_layers: int = 1
+    """How many layers the final norm and output count as (the last stage gets fewer)."""
+
+    module_fqns_per_model_part: list[list[str]] | None = None
+    """The modules of each model part (stage), in stage order, e.g. [["tok_embeddings", "layers.0"], ["layers.1",
+    "norm", "output"]]; on the command line parts are separated by ';' and modules by ','. None: split evenly."""
+
+    pipeline_parallel_schedule_csv: str | None = ""
+    """Accepted for TorchTitan configs; a schedule CSV file is not supported yet (leave it empty)."""
 
     context_parallel_degree: int = 1
     """Context-parallel degree."""

@@ -21,7 +21,6 @@ DEGREES = (
     "expert_parallel_degree",
 )
 NOT_YET = {
-    "pipeline_parallel_degree": "pipeline parallelism",
     "context_parallel_degree": "context parallelism",
     "expert_parallel_degree": "expert parallelism (llama3 has no experts)",
 }
@@ -31,7 +30,7 @@ def resolve_degrees(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Check the degrees against ``world_size`` and fill ``data_parallel_shard_degree = -1``.
 
     Raises:
-        NotSupportedYet: pipeline, context or expert parallelism above 1.
+        NotSupportedYet: context or expert parallelism above 1.
         ConfigError: the degrees do not multiply to the world size, or a seed checkpoint is asked
             for with more than one process.
     """
@@ -43,24 +42,27 @@ def resolve_degrees(cfg: JobConfig, world_size: int) -> ParallelDims:
     if problems:
         raise ConfigError(problems)
     rep, shard, tp = par.data_parallel_replicate_degree, par.data_parallel_shard_degree, par.tensor_parallel_degree
+    pp = par.pipeline_parallel_degree
+    pp_part = f"{P}pipeline_parallel_degree={pp} x " if pp > 1 else ""
+    pp_named = f"pipeline_parallel_degree={pp} x " if pp > 1 else ""
     if shard == -1:
-        others = rep * tp
+        others = pp * rep * tp
         if world_size % others:
             raise ConfigError([
-                f"{P}data_parallel_replicate_degree={rep} x {P}tensor_parallel_degree={tp} = {others} does "
-                f"not divide the world size {world_size} (NGPU={world_size}), so "
+                f"{pp_part}{P}data_parallel_replicate_degree={rep} x {P}tensor_parallel_degree={tp} = {others} "
+                f"does not divide the world size {world_size} (NGPU={world_size}), so "
                 f"{P}data_parallel_shard_degree=-1 cannot fill the rest; make the product divide {world_size}"
             ])
         shard = world_size // others
-    product = rep * shard * tp
+    product = pp * rep * shard * tp
     if product != world_size:
         raise ConfigError([
-            f"the parallel degrees multiply to {product} (data_parallel_replicate_degree={rep} x "
+            f"the parallel degrees multiply to {product} ({pp_named}data_parallel_replicate_degree={rep} x "
             f"data_parallel_shard_degree={shard} x tensor_parallel_degree={tp}) but the world size is "
             f"{world_size} (NGPU={world_size}); make them multiply to {world_size}, or set "
             f"{P}data_parallel_shard_degree -1 to fill the rest"
         ])
-    return ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, world_size=world_size)
+    return ParallelDims(dp_replicate=rep, dp_shard=shard, tp=tp, world_size=world_size, pp=pp)
 
 
 def seed_checkpoint_problems(cfg: JobConfig, world_size: int | None) -> list[str]:

@@ -33,8 +33,14 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
 CONFIG_FILE_LIMIT = 1 << 20  # 1 MiB: a job config is a few KB
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list[str]"}
-_METAVARS = {int: "INT", float: "FLOAT", str: "STR", list: "A,B,..."}
+
+
+class _Nested(list):
+    """The base type of ``list[list[str]]`` options (``module_fqns_per_model_part``)."""
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list[str]", _Nested: "list[list[str]]"}
+_METAVARS = {int: "INT", float: "FLOAT", str: "STR", list: "A,B,...", _Nested: "A,B;C,D;..."}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ def _classify(tp: Any) -> tuple[type, bool]:
         inner = [a for a in args if a is not type(None)]
         assert len(inner) == 1, f"unsupported annotation {tp}"
         return _classify(inner[0])[0], True
+    if origin is list and args == (list[str],):
+        return _Nested, False
     if origin is list:
         assert args == (str,), f"unsupported list annotation {tp}"
         return list, False
@@ -177,6 +185,8 @@ def _from_cli(opt: _Option, raw: str, typed: str) -> tuple[Any, str | None]:
             pass
     elif opt.base is list:
         return [part.strip() for part in raw.split(",") if part.strip()], None
+    elif opt.base is _Nested:  # parts separated by ';', names within a part by ','
+        return [[n.strip() for n in part.split(",") if n.strip()] for part in raw.split(";") if part.strip()], None
     else:
         return raw, None
     return None, f"{typed}: expected {opt.type_name}, got {raw!r}"
@@ -239,6 +249,9 @@ def _from_toml(opt: _Option, value: Any) -> tuple[Any, bool]:
     if opt.base is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return (list(value) if ok else value), ok
+    if opt.base is _Nested:
+        ok = isinstance(value, list) and all(isinstance(p, list) and all(isinstance(v, str) for v in p) for p in value)
+        return ([list(p) for p in value] if ok else value), ok
     return value, isinstance(value, str)
 
 

@@ -27,6 +27,7 @@ from savepoint.config.job_config import (
 )
 from savepoint.config.layout import seed_checkpoint_problems
 from savepoint.dtypes import FLOAT_DTYPES
+from savepoint.pipeline_plan import schedule_problems
 
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -174,14 +175,36 @@ def _lr_scheduler_problems(s: LRScheduler) -> list[str]:
 
 def _parallelism_problems(par: Parallelism) -> list[str]:
     problems: list[str] = []
+    p = "--parallelism."
     for f in dataclasses.fields(par):
         degree = getattr(par, f.name)
+        if not f.name.endswith("_degree") and f.name not in PP_COUNTS:
+            continue
+        if f.name in PP_COUNTS:
+            floor = PP_COUNTS[f.name]  # layers_per_stage may be None (split by the schedule)
+            problems += need(f"{p}{f.name}", degree, degree is None or degree >= floor, f">= {floor}")
+            continue
         if f.name == "data_parallel_shard_degree":
             ok, requirement = degree == -1 or degree >= 1, "-1 (fill the rest) or >= 1"
         else:
             ok, requirement = degree >= 1, ">= 1"
-        problems += need(f"--parallelism.{f.name}", degree, ok, requirement)
+        problems += need(f"{p}{f.name}", degree, ok, requirement)
+    if par.pipeline_parallel_schedule_csv:
+        problems.append(f"{p}pipeline_parallel_schedule_csv={par.pipeline_parallel_schedule_csv}: schedules from "
+                        "a CSV file are not supported yet; leave it empty and name one with "
+                        f"{p}pipeline_parallel_schedule")
+    if par.pipeline_parallel_degree > 1:
+        problems += schedule_problems(par.pipeline_parallel_schedule)
     return problems
+
+
+# Pipeline options that are counts: the smallest value each takes.
+PP_COUNTS = {
+    "pipeline_parallel_microbatch_size": 1,
+    "pipeline_parallel_layers_per_stage": 1,
+    "pipeline_parallel_first_stage_less_layers": 0,
+    "pipeline_parallel_last_stage_less_layers": 0,
+}
 
 
 def _comm_problems(c: Comm) -> list[str]:

@@ -158,33 +158,56 @@ class Transformer(nn.Module):
         for name, init in self.init_parts():
             init(self.get_submodule(name))
 
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the RoPE table (a non-persistent buffer, left uninitialised by ``to_empty``)."""
+        self.freqs_cis = precompute_freqs_cis(self.args, self.args.max_seq_len, device=torch.device(device))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # [bs, seqlen, dim]
+        """Tokens to logits; a pipeline stage that lacks the embedding, norm or output passes hidden states."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [bs, seqlen, dim]
         for layer in self.layers.values():
             h = layer(h, self.freqs_cis)
-        return self.output(self.norm(h))  # [bs, seqlen, vocab_size]
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # [bs, seqlen, vocab_size]
 
 
 @torch.no_grad()
-def initialize(model: Transformer, seed: int, device: torch.device | str) -> None:
+def initialize(model: nn.Module, seed: int, device: torch.device | str, args: ModelArgs | None = None) -> None:
     """Give a materialised (``to_empty``) model the weights a one-process CPU init with ``seed`` gives.
 
     Each part is initialised full-size on the CPU from one seeded generator, then copied into the
     model, whose parameters may be plain tensors or DTensor shards (FSDP, TP, HSDP). The weights are
     therefore bit-identical at every layout and on every device, and the extra memory is one part
     (a transformer block or the embedding), never the whole model.
+
+    ``model`` may hold only some parts under their global names (a pipeline stage, or the union
+    of a rank's stages): every part is still drawn, in order, so the ones it holds get the same
+    numbers; the others are skipped. Pass ``args`` when ``model`` is not a ``Transformer``.
     """
     device = torch.device(device)
-    model.freqs_cis = precompute_freqs_cis(model.args, model.args.max_seq_len, device=device)
+    args = args or model.args
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.init_buffers(device)
     with torch.device("meta"):
-        template = Transformer(model.args)
+        template = Transformer(args)
     torch.manual_seed(seed)
     for name, init in template.init_parts():
         part = template.get_submodule(name).to_empty(device="cpu")
         init(part)
-        for key, full in part.state_dict().items():
-            copy_full_into(model.get_parameter(f"{name}.{key}"), full)
+        if _holds(model, name):
+            for key, full in part.state_dict().items():
+                copy_full_into(model.get_parameter(f"{name}.{key}"), full)
         part.to_empty(device="meta")
+
+
+def _holds(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` has the submodule ``name`` (a pipeline stage drops the ones other stages hold)."""
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def build_model(args: ModelArgs, seed: int, device: torch.device | str = "cpu",

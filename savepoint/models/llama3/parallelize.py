@@ -58,11 +58,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     - norms: sequence parallel (weights replicated);
     - output: column-wise (vocabulary), logits gathered to full size for the loss.
     """
-    parallelize_module(model, tp_mesh, {
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
-    })
+    }
+    # A pipeline stage holds only some of these; blocks pass sequence-sharded local tensors either way.
+    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if _present(model, k)})
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
@@ -77,6 +79,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         })
+
+
+def _present(model: Transformer, name: str) -> bool:
+    try:
+        return model.get_submodule(name) is not None
+    except AttributeError:
+        return False
 
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:

@@ -1,0 +1,219 @@
+"""How pipeline parallelism splits a model: schedules, stage counts and each stage's modules.
+
+Torch-free, so ``savepoint check`` (and the config layer) can refuse a pipeline that cannot run
+before any process starts, with the same words a worker would use. The runtime that builds the
+stages and runs the schedule is ``savepoint.pipelining``.
+
+The rules follow TorchTitan v0.2.2:
+
+- A single-stage schedule (``GPipe``, ``1F1B``) gives each PP rank one stage; a looped one
+  (``Interleaved1F1B``, ...) gives it two, unless ``pipeline_parallel_layers_per_stage`` says how
+  many layers a stage holds (then ``ceil((layers + first_less + last_less) / layers_per_stage)``
+  stages, which the PP degree must divide).
+- The embedding counts as ``first_stage_less_layers`` layers and the final norm and output as
+  ``last_stage_less_layers`` layers; the layers are then dealt out evenly, earlier stages taking
+  the remainder.
+- Looped schedules place stage ``s`` on PP rank ``s % pp``; the V-shaped ones (``ZBVZeroBubble``,
+  ``DualPipeV``) place stages ``r`` and ``2 * pp - 1 - r`` on rank ``r``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+P = "--parallelism."
+
+# torch.distributed.pipelining's schedule names (``get_schedule_class``), by kind.
+SINGLE_STAGE = ("GPipe", "1F1B")
+LOOPED = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+RUNS = SINGLE_STAGE + LOOPED + V_SHAPED
+# Names torch accepts that are not schedules one can train with.
+REFUSED = {
+    "PipelineScheduleSingle": "an abstract base class, not a schedule",
+    "PipelineScheduleMulti": "an abstract base class, not a schedule",
+}
+
+
+def canonical_schedule(name: str) -> str | None:
+    """The schedule's canonical spelling (torch matches names case-insensitively), or None if it does not run."""
+    for known in RUNS:
+        if known.lower() == name.lower():
+            return known
+    return None
+
+
+def schedule_problems(name: str) -> list[str]:
+    """An unknown or non-runnable schedule name, with the closest runnable one."""
+    if canonical_schedule(name) is not None:
+        return []
+    flag = f"{P}pipeline_parallel_schedule={name}"
+    runs = ", ".join(RUNS)
+    base = {k.lower(): v for k, v in REFUSED.items()}.get(name.lower())
+    if base is not None:
+        return [f"{flag} is {base}; choose one of {runs}"]
+    close = difflib.get_close_matches(name.lower(), [r.lower() for r in RUNS], n=1, cutoff=0.5)
+    hint = f" (did you mean {next(r for r in RUNS if r.lower() == close[0])}?)" if close else ""
+    return [f"{flag} is not a pipeline schedule{hint}; choose one of {runs}"]
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Which modules each stage holds and which stages each PP rank runs."""
+
+    schedule: str
+    pp: int
+    modules_per_stage: tuple[tuple[str, ...], ...]
+    n_microbatches: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.modules_per_stage)
+
+    @property
+    def looped(self) -> bool:
+        """Whether the schedule runs several stages per rank (``PipelineScheduleMulti``)."""
+        return self.schedule not in SINGLE_STAGE
+
+    def stages_of(self, pp_rank: int) -> tuple[int, ...]:
+        """The stage indices PP rank ``pp_rank`` runs, in the order the schedule expects."""
+        per_rank = self.num_stages // self.pp
+        if self.schedule in V_SHAPED:
+            return (pp_rank, self.num_stages - 1 - pp_rank)
+        return tuple(pp_rank + s * self.pp for s in range(per_rank))
+
+    def describe(self) -> str:
+        return f"{self.schedule}, {self.num_stages} stages, {self.n_microbatches} microbatches"
+
+
+def default_modules(num_stages: int, n_layers: int, first_less: int, last_less: int) -> list[list[str]]:
+    """TorchTitan's even split of ``tok_embeddings``, ``layers.0..n-1``, ``norm`` and ``output`` into stages.
+
+    Raises:
+        ValueError: a stage would be empty, or the embedding/output weights exceed a stage.
+    """
+    if num_stages == 1:
+        return [["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "output"]]
+    effective = n_layers + first_less + last_less
+    if num_stages > effective:
+        raise ValueError(f"{num_stages} stages is more than the model's {n_layers} layers plus "
+                         f"{P}pipeline_parallel_first_stage_less_layers={first_less} and "
+                         f"{P}pipeline_parallel_last_stage_less_layers={last_less} ({effective} in all)")
+    per_stage, extra = divmod(effective, num_stages)
+    for flag, weight in (("first", first_less), ("last", last_less)):
+        if weight > per_stage:
+            raise ValueError(f"{P}pipeline_parallel_{flag}_stage_less_layers={weight} is more than the "
+                             f"{per_stage} layer(s) each of the {num_stages} stages holds")
+    stages: list[list[str]] = []
+    layer = 0
+    for s in range(num_stages):
+        room = per_stage + (1 if s < extra else 0)
+        modules = []
+        if s == 0:
+            modules.append("tok_embeddings")
+            room -= first_less
+        elif s == num_stages - 1:
+            room -= last_less
+        for _ in range(room):
+            if layer < n_layers:
+                modules.append(f"layers.{layer}")
+                layer += 1
+        if s == num_stages - 1:
+            modules += ["norm", "output"]
+        stages.append(modules)
+    if any(not any(m.startswith("layers.") for m in stage) for stage in stages[1:-1]):
+        raise ValueError(f"{num_stages} stages leave a middle stage with no layer of the model's {n_layers}")
+    return stages
+
+
+def module_problems(modules_per_stage: Sequence[Sequence[str]], n_layers: int) -> list[str]:
+    """``module_fqns_per_model_part`` must name every top-level module and layer once, and nothing else."""
+    flag = f"{P}module_fqns_per_model_part"
+    every = ["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "output"]
+    seen: dict[str, int] = {}
+    problems = []
+    for s, stage in enumerate(modules_per_stage):
+        if not stage:
+            problems.append(f"{flag}: model part {s} is empty; give every part at least one module")
+        for name in stage:
+            if name not in every:
+                close = difflib.get_close_matches(name, every, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{flag}: model part {s} names {name!r}, which the model does not have{hint}; "
+                                f"its modules are tok_embeddings, layers.0 .. layers.{n_layers - 1}, norm, output")
+            elif name in seen:
+                problems.append(f"{flag}: {name!r} is in model parts {seen[name]} and {s}; name each module once")
+            else:
+                seen[name] = s
+    missing = [name for name in every if name not in seen]
+    if missing:
+        problems.append(f"{flag} leaves out {', '.join(missing)}; every module must be in one model part")
+    return problems
+
+
+def plan_pipeline(*, schedule: str, pp: int, n_layers: int, local_batch_size: int, microbatch_size: int,
+                  layers_per_stage: int | None, first_less: int, last_less: int,
+                  modules_per_stage: Sequence[Sequence[str]] | None) -> tuple[PipelinePlan | None, list[str]]:
+    """The pipeline a PP degree ``pp`` gives this model and batch, or every reason it cannot run."""
+    problems = schedule_problems(schedule)
+    if problems:
+        return None, problems
+    name = canonical_schedule(schedule)
+    assert name is not None
+    single = name in SINGLE_STAGE
+    if microbatch_size < 1 or local_batch_size % microbatch_size:
+        problems.append(f"--training.local_batch_size={local_batch_size} is not divisible by "
+                        f"{P}pipeline_parallel_microbatch_size={microbatch_size}; choose a microbatch size that "
+                        "divides the local batch")
+    if modules_per_stage is not None:
+        stages = [list(s) for s in modules_per_stage]
+        problems += module_problems(stages, n_layers)
+        num = len(stages)
+        source = f"{P}module_fqns_per_model_part has {num} model part(s)"
+    else:
+        if layers_per_stage is not None:
+            if layers_per_stage < 1:
+                return None, problems + [f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} must be >= 1"]
+            num = math.ceil((n_layers + first_less + last_less) / layers_per_stage)
+            source = (f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} gives {num} stage(s) for "
+                      f"{n_layers} layers")
+        else:
+            num = pp * (1 if single else 2)
+            source = f"{name} at {P}pipeline_parallel_degree={pp} uses {num} stage(s)"
+        try:
+            stages = default_modules(num, n_layers, first_less, last_less)
+        except ValueError as e:
+            return None, problems + [f"{source}: {e}; lower {P}pipeline_parallel_degree or set fewer stages"]
+    problems += _stage_count_problems(name, pp, num, source)
+    if problems:
+        return None, problems
+    n_micro = local_batch_size // microbatch_size
+    if n_micro < pp:
+        return None, [f"--training.local_batch_size={local_batch_size} / {P}pipeline_parallel_microbatch_size="
+                      f"{microbatch_size} gives {n_micro} microbatch(es), fewer than the {pp} pipeline ranks "
+                      f"{name} needs; raise the batch or lower the microbatch size"]
+    if name in V_SHAPED or name == "InterleavedZeroBubble" or name == "Interleaved1F1B":
+        if n_micro % pp and name != "Interleaved1F1B":
+            return None, [f"{P}pipeline_parallel_schedule={name} needs a microbatch count divisible by "
+                          f"{P}pipeline_parallel_degree={pp} (got {n_micro}); change "
+                          "--training.local_batch_size or the microbatch size"]
+    return PipelinePlan(name, pp, tuple(tuple(s) for s in stages), n_micro), []
+
+
+def _stage_count_problems(name: str, pp: int, num: int, source: str) -> list[str]:
+    if num % pp:
+        return [f"{source}, which {P}pipeline_parallel_degree={pp} does not divide; make the stage count a "
+                f"multiple of {pp}"]
+    per_rank = num // pp
+    if name in SINGLE_STAGE and per_rank != 1:
+        return [f"{source}, {per_rank} per PP rank, but {name} runs one stage per rank; use a looped schedule "
+                f"(Interleaved1F1B) or {pp} stage(s)"]
+    if name not in SINGLE_STAGE and per_rank < 2:
+        return [f"{source}, {per_rank} per PP rank, but {name} runs several stages per rank; use 1F1B or GPipe, "
+                f"or {2 * pp} stages"]
+    if name in V_SHAPED and per_rank != 2:
+        return [f"{source}, {per_rank} per PP rank, but {name} runs exactly two stages per rank"]
+    return []
