@@ -191,16 +191,26 @@ def plan_pipeline(*, schedule: str, pp: int, n_layers: int, local_batch_size: in
     if problems:
         return None, problems
     n_micro = local_batch_size // microbatch_size
-    if n_micro < pp:
+    problem = microbatch_problem(name, pp, num, n_micro)
+    if problem:
         return None, [f"--training.local_batch_size={local_batch_size} / {P}pipeline_parallel_microbatch_size="
-                      f"{microbatch_size} gives {n_micro} microbatch(es), fewer than the {pp} pipeline ranks "
-                      f"{name} needs; raise the batch or lower the microbatch size"]
-    if name in V_SHAPED or name == "InterleavedZeroBubble" or name == "Interleaved1F1B":
-        if n_micro % pp and name != "Interleaved1F1B":
-            return None, [f"{P}pipeline_parallel_schedule={name} needs a microbatch count divisible by "
-                          f"{P}pipeline_parallel_degree={pp} (got {n_micro}); change "
-                          "--training.local_batch_size or the microbatch size"]
+                      f"{microbatch_size} gives {n_micro} microbatch(es), but {P}pipeline_parallel_schedule={name} "
+                      f"{problem}; change the local batch or the microbatch size"]
     return PipelinePlan(name, pp, tuple(tuple(s) for s in stages), n_micro), []
+
+
+def microbatch_problem(name: str, pp: int, num_stages: int, n_micro: int) -> str | None:
+    """What ``name`` needs of the microbatch count that ``n_micro`` lacks (torch 2.13's rules), or None."""
+    if name == "1F1B" and n_micro < num_stages:
+        return f"needs at least one per stage ({num_stages})"
+    if name == "DualPipeV" and n_micro < num_stages:
+        return f"needs at least one per stage ({num_stages} stages)"
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble"):
+        rounds = max(1, n_micro // pp)
+        if n_micro % rounds:
+            return (f"runs them in rounds of {pp} (the PP degree) and needs a count that the {rounds} rounds divide "
+                    f"(e.g. {rounds * pp})")
+    return None
 
 
 def _stage_count_problems(name: str, pp: int, num: int, source: str) -> list[str]:

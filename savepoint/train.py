@@ -34,6 +34,7 @@ from savepoint.checkpoint.states import (
     TrainState,
 )
 from savepoint.config import JobConfig, config_to_dict
+from savepoint.config.layout import checked_pipeline_plan
 from savepoint.config.layout import resolve_degrees as resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
@@ -43,8 +44,6 @@ from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer, build_model
 from savepoint.models.llama3.model import initialize
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
-from savepoint.parallel_dims import ParallelDims
-from savepoint.pipeline_plan import PipelinePlan, plan_pipeline
 from savepoint.pipelining import ModelParts, Pipeline, pp_grad_norm
 from savepoint.safe_io import open_append_regular
 
@@ -69,24 +68,6 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float,
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss: logits ``[bs, seq_len, vocab_size]``, labels ``[bs, seq_len]``."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-def pipeline_plan(cfg: JobConfig, dims: ParallelDims) -> PipelinePlan:
-    """The pipeline ``[parallelism]`` asks for, for this model and batch.
-
-    Raises:
-        ConfigError: it cannot run (the same words ``savepoint check`` prints before launch).
-    """
-    par = cfg.parallelism
-    plan, problems = plan_pipeline(
-        schedule=par.pipeline_parallel_schedule, pp=dims.pp, n_layers=LLAMA3_FLAVORS[cfg.model.flavor].n_layers,
-        local_batch_size=cfg.training.local_batch_size, microbatch_size=par.pipeline_parallel_microbatch_size,
-        layers_per_stage=par.pipeline_parallel_layers_per_stage,
-        first_less=par.pipeline_parallel_first_stage_less_layers,
-        last_less=par.pipeline_parallel_last_stage_less_layers, modules_per_stage=par.module_fqns_per_model_part)
-    if plan is None:
-        raise ConfigError(problems)
-    return plan
 
 
 class MetricsLog:
@@ -228,8 +209,8 @@ class Trainer:
             assert self.mesh is not None
             with torch.device("meta"):
                 whole = Transformer(model_args)
-            self.pipeline = Pipeline(pipeline_plan(cfg, self.dims), whole, self.mesh["pp"], self.device,
-                                     parallelize, cross_entropy)
+            plan = checked_pipeline_plan(cfg, self.dims.pp, model_args.n_layers)
+            self.pipeline = Pipeline(plan, whole, self.mesh["pp"], self.device, parallelize, cross_entropy)
             self.model = ModelParts(self.pipeline.parts, [name for name, _ in whole.named_children()])
             initialize(self.model, t.seed, self.device, args=model_args)  # the weights of a 1-process init
         else:

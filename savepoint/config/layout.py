@@ -10,6 +10,7 @@ from __future__ import annotations
 from savepoint.config.job_config import JobConfig
 from savepoint.errors import ConfigError, NotSupportedYet
 from savepoint.parallel_dims import ParallelDims
+from savepoint.pipeline_plan import PipelinePlan, plan_pipeline
 
 P = "--parallelism."
 DEGREES = (
@@ -81,3 +82,27 @@ def seed_checkpoint_problems(cfg: JobConfig, world_size: int | None) -> list[str
         if degree > 1:
             problems.append(f"{flag} needs every parallel degree 1: set {P}{name} 1 (got {degree})")
     return problems
+
+
+def pipeline_plan(cfg: JobConfig, pp: int, n_layers: int) -> tuple[PipelinePlan | None, list[str]]:
+    """The pipeline ``[parallelism]`` asks for at PP degree ``pp`` for a model of ``n_layers`` layers, or
+    every reason it cannot run (the words ``savepoint check`` prints before launch)."""
+    par = cfg.parallelism
+    return plan_pipeline(
+        schedule=par.pipeline_parallel_schedule, pp=pp, n_layers=n_layers,
+        local_batch_size=cfg.training.local_batch_size, microbatch_size=par.pipeline_parallel_microbatch_size,
+        layers_per_stage=par.pipeline_parallel_layers_per_stage,
+        first_less=par.pipeline_parallel_first_stage_less_layers,
+        last_less=par.pipeline_parallel_last_stage_less_layers, modules_per_stage=par.module_fqns_per_model_part)
+
+
+def checked_pipeline_plan(cfg: JobConfig, pp: int, n_layers: int) -> PipelinePlan:
+    """``pipeline_plan``, raising its problems.
+
+    Raises:
+        ConfigError: the pipeline cannot run.
+    """
+    plan, problems = pipeline_plan(cfg, pp, n_layers)
+    if plan is None:
+        raise ConfigError(problems)
+    return plan
