@@ -65,7 +65,8 @@ def _step_summary(folder: CheckpointFolder, step: int) -> str:
 
 
 def _layout(manifest: dict[str, Any]) -> str:
-    """Where the step was saved from, e.g. 'saved by 2 processes (dp_replicate 1, dp_shard 2, tp 1)'."""
+    """Where the step was saved from, e.g. 'saved by 2 processes (dp_replicate 1, dp_shard 2, tp 1)'; the
+    pipeline degree leads when the step was saved with one."""
     layout = manifest.get("layout")
     if not isinstance(layout, dict) or not layout:
         return ""
@@ -76,7 +77,8 @@ def _layout(manifest: dict[str, Any]) -> str:
 
     world_size = layout.get("world_size")
     who = f"saved by {world_size} process(es)" if type(world_size) is int else "saved by ? process(es)"
-    return (f"{who} (dp_replicate {degree('data_parallel_replicate_degree')}, "
+    pp = f"pp {degree('pipeline_parallel_degree')}, " if "pipeline_parallel_degree" in layout else ""
+    return (f"{who} ({pp}dp_replicate {degree('data_parallel_replicate_degree')}, "
             f"dp_shard {degree('data_parallel_shard_degree')}, tp {degree('tensor_parallel_degree')})")
 
 

@@ -106,6 +106,7 @@ class Pipeline:
         looped = issubclass(schedule_class, PipelineScheduleMulti)
         # scale_grads: each microbatch's mean loss is divided by their count, so the gradient is
         # that of the whole batch's mean loss, as without a pipeline.
+        logger.info("pipeline: %s over %d PP ranks", plan.describe(), plan.pp)
         self.schedule = schedule_class(self.stages if looped else self.stages[0], n_microbatches=plan.n_microbatches,
                                        loss_fn=loss_fn, scale_grads=True)
 
