@@ -4,7 +4,7 @@ Top to bottom: cli / launch / job (a job's config checked against its model) -> 
 -> hf -> torch DCP. The converters (``convert``) sit beside the trainer and may use checkpoint and
 hf; nothing below them uses them. ``config`` describes a job without knowing a model, data or a
 checkpoint; ``models`` and ``data`` know nothing of config, checkpoint or hf (models may use
-``distributed``). Leaf modules (errors, safe_io, durable, values, parallel_dims, dtypes) use only each other.
+``distributed``). Leaf modules (errors, safe_io, durable, values, parallel_dims, dtypes, pipeline_plan) use only each other.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "savepoint"
 
-LEAVES = {"errors", "safe_io", "durable", "values", "parallel_dims", "dtypes"}
+LEAVES = {"errors", "safe_io", "durable", "values", "parallel_dims", "dtypes", "pipeline_plan"}
 # component of savepoint (first name after "savepoint.") -> components it must not import
 FORBIDDEN: dict[str, set[str]] = {
     "config": {"models", "data", "checkpoint", "hf", "convert", "train", "distributed", "optim", "inspect"},
     "models": {"config", "data", "checkpoint", "hf", "convert", "train", "optim", "inspect"},
     "data": {"config", "models", "checkpoint", "hf", "convert", "train", "optim", "inspect"},
     "distributed": {"config", "models", "data", "checkpoint", "hf", "convert", "train", "optim", "inspect"},
+    "pipelining": {"config", "models", "data", "checkpoint", "hf", "convert", "train", "optim", "inspect"},
     "hf": {"checkpoint", "convert", "train", "inspect"},
     "checkpoint": {"train", "convert", "inspect"},
     "train": {"convert", "inspect"},
