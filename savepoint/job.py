@@ -1,8 +1,9 @@
 """A training job: its config checked against the model it names.
 
 ``savepoint.config`` describes a job without knowing any model; this module adds what the model
-allows: the flavor must exist, ``--training.seq_len`` must fit its context, and tensor parallelism
-must divide its heads, its feed-forward size and the sequence. :func:`parse_args` reports those
+allows: the flavor must exist, ``--training.seq_len`` must fit its context, tensor parallelism
+must divide its heads, its feed-forward size and the sequence, and a pipeline must split its layers
+into stages the schedule can run with the batch's microbatches. :func:`parse_args` reports those
 problems together with the config's own, in one ``ConfigError``. Torch-free, like the config, so
 ``savepoint check`` answers in a second.
 """
@@ -13,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 from savepoint import config
 from savepoint.config import JobConfig
-from savepoint.config.layout import P, resolve_degrees, seed_checkpoint_problems
-from savepoint.config.validate import need, one_of
+from savepoint.config.layout import P, pipeline_plan, resolve_degrees, seed_checkpoint_problems
+from savepoint.config.validate import need, one_of, pipeline_value_problems
 from savepoint.errors import ConfigError, NotSupportedYet
 from savepoint.models.llama3.args import LLAMA3_FLAVORS
 from savepoint.parallel_dims import ParallelDims
@@ -30,10 +31,14 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
 
 
 def model_problems(cfg: JobConfig) -> list[str]:
-    """What the named flavor forbids: an unknown flavor, a longer sequence, a TP degree that does not divide it."""
+    """What the named flavor forbids: an unknown flavor, a longer sequence, a TP degree that does not divide it,
+    a pipeline it cannot be split into."""
     problems = one_of("--model.flavor", cfg.model.flavor, tuple(LLAMA3_FLAVORS))
     problems += _seq_len_problems(cfg.training.seq_len, cfg.model.flavor)
     problems += tensor_parallel_problems(cfg, cfg.parallelism.tensor_parallel_degree)
+    # A bad PP value or batch size is the config's own problem, reported by validate already.
+    if cfg.training.local_batch_size >= 1 and not pipeline_value_problems(cfg.parallelism):
+        problems += pipeline_problems(cfg, cfg.parallelism.pipeline_parallel_degree)
     return problems
 
 
@@ -64,16 +69,32 @@ def tensor_parallel_problems(cfg: JobConfig, tp: int) -> list[str]:
             for what, size in sizes.items() if size % tp]
 
 
+def pipeline_problems(cfg: JobConfig, pp: int) -> list[str]:
+    """Why the pipeline of degree ``pp`` cannot run this flavor with this batch (none when ``pp`` is 1).
+
+    The config's own PP values (a schedule name, counts >= 1) come first; then the stages their split
+    gives the flavor's layers, the modules ``module_fqns_per_model_part`` names, and the microbatches
+    the schedule needs (``savepoint.config.layout.pipeline_plan``).
+    """
+    if pp <= 1 or cfg.model.flavor not in LLAMA3_FLAVORS:
+        return []
+    problems = pipeline_value_problems(cfg.parallelism)
+    if problems:
+        return problems
+    return pipeline_plan(cfg, pp, LLAMA3_FLAVORS[cfg.model.flavor].n_layers)[1]
+
+
 def resolve_parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Check the degrees against ``world_size`` and the model, and fill ``data_parallel_shard_degree = -1``.
 
     Raises:
-        NotSupportedYet: pipeline, context or expert parallelism above 1.
+        NotSupportedYet: context or expert parallelism above 1.
         ConfigError: the degrees do not multiply to the world size, tensor parallelism does not
-            divide the model, or a seed checkpoint is asked for with more than one process.
+            divide the model, the pipeline cannot split it or run the batch, or a seed checkpoint is
+            asked for with more than one process.
     """
     dims = resolve_degrees(cfg, world_size)
-    problems = tensor_parallel_problems(cfg, dims.tp)
+    problems = tensor_parallel_problems(cfg, dims.tp) + pipeline_problems(cfg, dims.pp)
     if problems:
         raise ConfigError(problems)
     return dims
@@ -82,8 +103,9 @@ def resolve_parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
 def layout_problems(cfg: JobConfig, world_size: int | None) -> list[str]:
     """Every layout problem ``resolve_parallel_dims`` would raise, as a list (for ``savepoint check``)."""
     if world_size is None:
-        tp = cfg.parallelism.tensor_parallel_degree
-        return seed_checkpoint_problems(cfg, None) + tensor_parallel_problems(cfg, tp)
+        par = cfg.parallelism
+        return (seed_checkpoint_problems(cfg, None) + tensor_parallel_problems(cfg, par.tensor_parallel_degree)
+                + pipeline_problems(cfg, par.pipeline_parallel_degree))
     try:
         resolve_parallel_dims(cfg, world_size)
     except ConfigError as e:

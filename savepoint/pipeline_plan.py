@@ -93,7 +93,8 @@ def default_modules(num_stages: int, n_layers: int, first_less: int, last_less: 
     """TorchTitan's even split of ``tok_embeddings``, ``layers.0..n-1``, ``norm`` and ``output`` into stages.
 
     Raises:
-        ValueError: a stage would be empty, or the embedding/output weights exceed a stage.
+        ValueError: more stages than the weighted layers (a stage would be empty), or the
+            embedding/output weight is more than a stage holds.
     """
     if num_stages == 1:
         return [["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "output"]]
@@ -124,15 +125,17 @@ def default_modules(num_stages: int, n_layers: int, first_less: int, last_less: 
         if s == num_stages - 1:
             modules += ["norm", "output"]
         stages.append(modules)
-    if any(not any(m.startswith("layers.") for m in stage) for stage in stages[1:-1]):
-        raise ValueError(f"{num_stages} stages leave a middle stage with no layer of the model's {n_layers}")
     return stages
 
 
 def module_problems(modules_per_stage: Sequence[Sequence[str]], n_layers: int) -> list[str]:
-    """``module_fqns_per_model_part`` must name every top-level module and layer once, and nothing else."""
+    """``module_fqns_per_model_part`` must name every top-level module and layer once, nothing else, and
+    in model order across the parts (part ``s + 1`` continues where part ``s`` ends)."""
     flag = f"{P}module_fqns_per_model_part"
-    every = ["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "output"]
+    every = model_modules(n_layers)
+    known = f"tok_embeddings, layers.0 .. layers.{n_layers - 1}, norm, output"
+    if not modules_per_stage:
+        return [f"{flag} lists no model part; give one list of modules per stage, or none to split evenly"]
     seen: dict[str, int] = {}
     problems = []
     for s, stage in enumerate(modules_per_stage):
@@ -143,7 +146,7 @@ def module_problems(modules_per_stage: Sequence[Sequence[str]], n_layers: int) -
                 close = difflib.get_close_matches(name, every, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{flag}: model part {s} names {name!r}, which the model does not have{hint}; "
-                                f"its modules are tok_embeddings, layers.0 .. layers.{n_layers - 1}, norm, output")
+                                f"its modules are {known}")
             elif name in seen:
                 problems.append(f"{flag}: {name!r} is in model parts {seen[name]} and {s}; name each module once")
             else:
@@ -151,7 +154,33 @@ def module_problems(modules_per_stage: Sequence[Sequence[str]], n_layers: int) -
     missing = [name for name in every if name not in seen]
     if missing:
         problems.append(f"{flag} leaves out {', '.join(missing)}; every module must be in one model part")
-    return problems
+    return problems + _order_problems(modules_per_stage, seen, every, flag)
+
+
+def model_modules(n_layers: int) -> list[str]:
+    """The llama3 model's top-level modules and layers, in the order its forward runs them."""
+    return ["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "output"]
+
+
+def _order_problems(modules_per_stage: Sequence[Sequence[str]], seen: dict[str, int], every: list[str],
+                    flag: str) -> list[str]:
+    """The first module that comes, in the model, before a module of an earlier part (a stage runs its
+    modules in model order, but the stages run one after the other, so the parts must too)."""
+    position = {name: i for i, name in enumerate(every)}
+    latest: tuple[str, int] | None = None  # the module furthest into the model so far, and its part
+    for s, stage in enumerate(modules_per_stage):
+        names = [n for n in stage if seen.get(n) == s]  # unknown and repeated names are reported already
+        if not names:
+            continue
+        first = min(names, key=position.__getitem__)
+        if latest is not None and position[first] < position[latest[0]]:
+            return [f"{flag}: model part {s} holds {first}, which comes before {latest[0]} of model part "
+                    f"{latest[1]} in the model; list the modules in model order ({every[0]}, layers.0 .. "
+                    f"layers.{len(every) - 4}, norm, output), each part continuing where the one before ends"]
+        last = max(names, key=position.__getitem__)
+        if latest is None or position[last] > position[latest[0]]:
+            latest = (last, s)
+    return []
 
 
 def plan_pipeline(*, schedule: str, pp: int, n_layers: int, local_batch_size: int, microbatch_size: int,
@@ -163,7 +192,6 @@ def plan_pipeline(*, schedule: str, pp: int, n_layers: int, local_batch_size: in
         return None, problems
     name = canonical_schedule(schedule)
     assert name is not None
-    single = name in SINGLE_STAGE
     if microbatch_size < 1 or local_batch_size % microbatch_size:
         problems.append(f"--training.local_batch_size={local_batch_size} is not divisible by "
                         f"{P}pipeline_parallel_microbatch_size={microbatch_size}; choose a microbatch size that "
@@ -171,32 +199,50 @@ def plan_pipeline(*, schedule: str, pp: int, n_layers: int, local_batch_size: in
     if modules_per_stage is not None:
         stages = [list(s) for s in modules_per_stage]
         problems += module_problems(stages, n_layers)
-        num = len(stages)
-        source = f"{P}module_fqns_per_model_part has {num} model part(s)"
-    else:
         if layers_per_stage is not None:
-            if layers_per_stage < 1:
-                return None, problems + [f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} must be >= 1"]
-            num = math.ceil((n_layers + first_less + last_less) / layers_per_stage)
-            source = (f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} gives {num} stage(s) for "
-                      f"{n_layers} layers")
-        else:
-            num = pp * (1 if single else 2)
-            source = f"{name} at {P}pipeline_parallel_degree={pp} uses {num} stage(s)"
-        try:
-            stages = default_modules(num, n_layers, first_less, last_less)
-        except ValueError as e:
-            return None, problems + [f"{source}: {e}; lower {P}pipeline_parallel_degree or set fewer stages"]
-    problems += _stage_count_problems(name, pp, num, source)
+            problems.append(f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} and "
+                            f"{P}module_fqns_per_model_part both say how stages split the model; set only one "
+                            "(the other to none)")
+        if not stages:
+            return None, problems
+        source = f"{P}module_fqns_per_model_part has {len(stages)} model part(s)"
+    else:
+        split, source = _even_split(name, pp, n_layers, layers_per_stage, first_less, last_less)
+        if isinstance(split, str):
+            return None, problems + [split]
+        stages = split
+    problems += _stage_count_problems(name, pp, len(stages), source)
     if problems:
         return None, problems
     n_micro = local_batch_size // microbatch_size
-    problem = microbatch_problem(name, pp, num, n_micro)
+    problem = microbatch_problem(name, pp, len(stages), n_micro)
     if problem:
         return None, [f"--training.local_batch_size={local_batch_size} / {P}pipeline_parallel_microbatch_size="
                       f"{microbatch_size} gives {n_micro} microbatch(es), but {P}pipeline_parallel_schedule={name} "
                       f"{problem}; change the local batch or the microbatch size"]
     return PipelinePlan(name, pp, tuple(tuple(s) for s in stages), n_micro), []
+
+
+def _even_split(name: str, pp: int, n_layers: int, layers_per_stage: int | None, first_less: int,
+                last_less: int) -> tuple[list[list[str]] | str, str]:
+    """TorchTitan's stage count and even split, or the one problem that prevents it; and where the count came from."""
+    if layers_per_stage is not None:
+        if layers_per_stage < 1:
+            return f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} must be >= 1", ""
+        num = math.ceil((n_layers + first_less + last_less) / layers_per_stage)
+        source = (f"{P}pipeline_parallel_layers_per_stage={layers_per_stage} gives {num} stage(s) for "
+                  f"{n_layers} layers")
+        fix = f"raise {P}pipeline_parallel_layers_per_stage"
+    else:
+        num = pp * (1 if name in SINGLE_STAGE else 2)
+        source = f"{name} at {P}pipeline_parallel_degree={pp} uses {num} stage(s)"
+        fix = f"lower {P}pipeline_parallel_degree"
+        if name not in SINGLE_STAGE:
+            fix += " or use 1F1B (one stage per rank)"
+    try:
+        return default_modules(num, n_layers, first_less, last_less), source
+    except ValueError as e:
+        return f"{source}: {e}; {fix}", source
 
 
 def microbatch_problem(name: str, pp: int, num_stages: int, n_micro: int) -> str | None:

@@ -313,10 +313,84 @@ def test_help_mentions_every_field_with_its_doc() -> None:
         assert f"[{section.name}]" in text
         for f in dataclasses.fields(cls):
             doc = docs[(cls.__name__, f.name)]
-            assert doc and doc in text, f.name
+            assert doc and doc.replace("\n", "\n      ") in text, f.name  # continuation lines indented
             assert f"--{section.name}.{f.name}" in text
     assert "--checkpoint.enable / --checkpoint.no_enable" in text
     assert "--checkpoint.interval INT (default: 500)" in text
+
+
+# TorchTitan v0.2.2's [parallelism] pipeline keys, with its defaults, as --help shows them.
+PP_HELP = [
+    "--parallelism.pipeline_parallel_degree INT (default: 1)",
+    "--parallelism.pipeline_parallel_schedule STR (default: 1F1B)",
+    "--parallelism.pipeline_parallel_microbatch_size INT (default: 1)",
+    "--parallelism.pipeline_parallel_layers_per_stage INT (default: none)",
+    "--parallelism.pipeline_parallel_first_stage_less_layers INT (default: 1)",
+    "--parallelism.pipeline_parallel_last_stage_less_layers INT (default: 1)",
+    "--parallelism.module_fqns_per_model_part A,B;C,D;... (default: none)",
+    '--parallelism.pipeline_parallel_schedule_csv STR (default: "")',
+]
+
+
+def test_help_lists_the_pipeline_keys_with_their_defaults() -> None:
+    lines = [line.strip() for line in help_text().splitlines()]
+    for usage in PP_HELP:
+        assert usage in lines, usage
+    par = JobConfig().parallelism
+    assert (par.pipeline_parallel_degree, par.pipeline_parallel_schedule, par.pipeline_parallel_microbatch_size,
+            par.pipeline_parallel_layers_per_stage, par.pipeline_parallel_first_stage_less_layers,
+            par.pipeline_parallel_last_stage_less_layers, par.module_fqns_per_model_part,
+            par.pipeline_parallel_schedule_csv) == (1, "1F1B", 1, None, 1, 1, None, "")
+    shown = help_text(argv=["--parallelism.module_fqns_per_model_part", "a,b;c", "--help"], environ=NO_ENV)
+    assert "--parallelism.module_fqns_per_model_part A,B;C,D;... = a,b;c (from the command line; default: none)" \
+        in shown
+
+
+PARTS = [["tok_embeddings", "layers.0", "layers.1", "layers.2"], ["layers.3", "layers.4", "layers.5", "norm", "output"]]
+
+
+def test_pipeline_keys_from_toml_and_cli(tmp_path: Path) -> None:
+    path = write(tmp_path, "[parallelism]\npipeline_parallel_degree = 2\npipeline_parallel_schedule = 'GPipe'\n"
+                           f"module_fqns_per_model_part = {json.dumps(PARTS)}\npipeline_parallel_microbatch_size = 2\n"
+                           "pipeline_parallel_first_stage_less_layers = 0\n"
+                           "pipeline_parallel_last_stage_less_layers = 2\n[training]\nlocal_batch_size = 4\n")
+    par = parse("--job.config_file", path).parallelism
+    assert (par.pipeline_parallel_degree, par.pipeline_parallel_schedule, par.module_fqns_per_model_part) == \
+        (2, "GPipe", PARTS)
+    assert (par.pipeline_parallel_microbatch_size, par.pipeline_parallel_first_stage_less_layers,
+            par.pipeline_parallel_last_stage_less_layers) == (2, 0, 2)
+    cli = ";".join(",".join(part) for part in PARTS)
+    par = parse("--parallelism.pipeline_parallel_degree=2", "--parallelism.module_fqns_per_model_part", cli,
+                "--parallelism.pipeline_parallel_layers_per_stage", "none").parallelism
+    assert par.module_fqns_per_model_part == PARTS and par.pipeline_parallel_layers_per_stage is None
+    spaced = parse("--parallelism.module_fqns_per_model_part", " tok_embeddings , layers.0 ;; layers.1 ;")
+    assert spaced.parallelism.module_fqns_per_model_part == [["tok_embeddings", "layers.0"], ["layers.1"]]
+    cleared = parse("--job.config_file", path, "--parallelism.module_fqns_per_model_part", "none",
+                    "--parallelism.pipeline_parallel_layers_per_stage", "4")  # 2 stages of 4 (1 + 6 + 1 layers)
+    assert cleared.parallelism.module_fqns_per_model_part is None
+    assert cleared.parallelism.pipeline_parallel_layers_per_stage == 4
+
+
+@pytest.mark.parametrize("value", ['["tok_embeddings", "layers.0"]', '[["tok_embeddings"], "layers.0"]',
+                                   '"tok_embeddings,layers.0;layers.1"', '[["tok_embeddings", 3]]'])
+def test_module_fqns_of_the_wrong_toml_type(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[parallelism]\nmodule_fqns_per_model_part = {value}\n")
+    problem = only_problem(["--job.config_file", path])
+    assert problem.startswith(f"parallelism.module_fqns_per_model_part in {path}: expected list[list[str]], got ")
+    assert "\n" not in problem
+
+
+def test_pipeline_values_are_checked() -> None:
+    p = "--parallelism."
+    for key, floor in (("microbatch_size", 1), ("layers_per_stage", 1), ("first_stage_less_layers", 0),
+                       ("last_stage_less_layers", 0)):
+        problem = only_problem([f"{p}pipeline_parallel_{key}", str(floor - 1)])
+        assert problem.startswith(f"{p}pipeline_parallel_{key} must be >= {floor}, got {floor - 1}")
+    assert "not supported yet" in only_problem([f"{p}pipeline_parallel_schedule_csv", "schedule.csv"])
+    assert "did you mean Interleaved1F1B?" in only_problem([f"{p}pipeline_parallel_degree", "2",
+                                                             f"{p}pipeline_parallel_schedule", "Interleavd1F1B"])
+    assert parse(f"{p}pipeline_parallel_schedule", "nonsense").parallelism.pipeline_parallel_degree == 1  # PP off
+    assert parse(f"{p}pipeline_parallel_degree", "2", f"{p}pipeline_parallel_schedule", "dualpipev")
 
 
 def test_config_to_dict_is_json_ready() -> None:
@@ -333,6 +407,7 @@ def test_config_to_toml_round_trip(tmp_path: Path) -> None:
             "--checkpoint.enable", "--checkpoint.exclude_from_loading", "data_loader,optimizer",
             "--job.description", 'quotes " and \\ and tab\t and é',
             "--model.hf_assets_path", "/tmp/hf", "--optimizer.lr", "1e-5",
+            "--parallelism.module_fqns_per_model_part", "tok_embeddings,layers.0;layers.1,norm,output",
         ],
         NO_ENV,
     )  # fmt: skip
@@ -343,6 +418,8 @@ def test_config_to_toml_round_trip(tmp_path: Path) -> None:
     again.job.config_file = cfg.job.config_file
     assert again == cfg
     assert "decay_ratio = 0.8" in config_to_toml(cfg)
+    assert 'module_fqns_per_model_part = [["tok_embeddings", "layers.0"], ["layers.1", "norm", "output"]]' in \
+        config_to_toml(cfg)
     defaults = JobConfig()
     assert "decay_ratio" not in config_to_toml(defaults)  # None is omitted
 

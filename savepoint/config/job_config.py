@@ -186,8 +186,9 @@ class Parallelism:
     """Samples per pipeline microbatch; --training.local_batch_size must be a multiple of it."""
 
     pipeline_parallel_layers_per_stage: int | None = None
-    """Layers per (virtual) stage, the embedding and the output counting as the two options below say; None:
-    one stage per rank for single-stage schedules, two for the others."""
+    """Layers per (virtual) stage, the embedding and the output counting as the two options below say: the
+    stage count is ceil((layers + first + last) / this), which the PP degree must divide. None: one stage per
+    rank for single-stage schedules, two for the others."""
 
     pipeline_parallel_first_stage_less_layers: int = 1
     """How many layers the embedding counts as, when stages share out the layers (the first stage gets fewer)."""
@@ -197,7 +198,8 @@ class Parallelism:
 
     module_fqns_per_model_part: list[list[str]] | None = None
     """The modules of each model part (stage), in stage order, e.g. [["tok_embeddings", "layers.0"], ["layers.1",
-    "norm", "output"]]; on the command line parts are separated by ';' and modules by ','. None: split evenly."""
+    "norm", "output"]]: every module once, in model order; on the command line parts are separated by ';' and
+    modules by ','. None: split evenly."""
 
     pipeline_parallel_schedule_csv: str | None = ""
     """Accepted for TorchTitan configs; a schedule CSV file is not supported yet (leave it empty)."""

@@ -376,9 +376,16 @@ def wants_help(argv: Sequence[str]) -> bool:
 
 
 def _value_text(opt: _Option, value: Any) -> str:
+    """A value as the command line spells it (``a,b`` for a list, ``a,b;c`` for a list of lists)."""
+    if value is None:
+        return "none"
     if opt.base is list:
         return ",".join(value) or "empty"
-    return "none" if value is None else str(value)
+    if opt.base is _Nested:
+        return ";".join(",".join(part) for part in value) or "empty"
+    if opt.base is str and not value:
+        return '""'
+    return str(value)
 
 
 def _default_text(opt: _Option) -> str:
@@ -424,8 +431,9 @@ def help_text(prog: str = "savepoint train", argv: Sequence[str] | None = None,
         "(command line wins). The TOML file is --job.config_file PATH, or else the",
         f"{CONFIG_FILE_ENV} environment variable when set and non-empty. Switches take no value",
         "(--checkpoint.enable / --checkpoint.no_enable); lists take one comma-separated token",
-        "(--checkpoint.exclude_from_loading optimizer,lr_scheduler); 'none' unsets an optional",
-        "value. Hyphens and underscores are interchangeable in option names.",
+        "(--checkpoint.exclude_from_loading optimizer,lr_scheduler), lists of lists one token with",
+        "';' between the lists (--parallelism.module_fqns_per_model_part a,b;c,d); 'none' unsets",
+        "an optional value. Hyphens and underscores are interchangeable in option names.",
     ]
     values: dict[str, tuple[Any, str]] = {}
     if argv is not None:
@@ -445,7 +453,7 @@ def help_text(prog: str = "savepoint train", argv: Sequence[str] | None = None,
             else:
                 usage += f" (default: {_default_text(opt)})"
             lines.append(f"  {usage}")
-            lines.append(f"      {docs.get((opt.owner, opt.name), '')}")
+            lines.append("      " + docs.get((opt.owner, opt.name), "").replace("\n", "\n      "))
     return "\n".join(lines) + "\n"
 
 
@@ -471,8 +479,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_str(str(v)) for v in value) + "]"
+    if isinstance(value, list):  # of strings, or of lists of strings
+        return "[" + ", ".join(_toml_value(v) if isinstance(v, list) else _toml_str(str(v)) for v in value) + "]"
     return _toml_str(str(value))
 
 

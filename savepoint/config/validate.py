@@ -177,25 +177,15 @@ def _parallelism_problems(par: Parallelism) -> list[str]:
     problems: list[str] = []
     p = "--parallelism."
     for f in dataclasses.fields(par):
+        if not f.name.endswith("_degree"):
+            continue
         degree = getattr(par, f.name)
-        if not f.name.endswith("_degree") and f.name not in PP_COUNTS:
-            continue
-        if f.name in PP_COUNTS:
-            floor = PP_COUNTS[f.name]  # layers_per_stage may be None (split by the schedule)
-            problems += need(f"{p}{f.name}", degree, degree is None or degree >= floor, f">= {floor}")
-            continue
         if f.name == "data_parallel_shard_degree":
             ok, requirement = degree == -1 or degree >= 1, "-1 (fill the rest) or >= 1"
         else:
             ok, requirement = degree >= 1, ">= 1"
         problems += need(f"{p}{f.name}", degree, ok, requirement)
-    if par.pipeline_parallel_schedule_csv:
-        problems.append(f"{p}pipeline_parallel_schedule_csv={par.pipeline_parallel_schedule_csv}: schedules from "
-                        "a CSV file are not supported yet; leave it empty and name one with "
-                        f"{p}pipeline_parallel_schedule")
-    if par.pipeline_parallel_degree > 1:
-        problems += schedule_problems(par.pipeline_parallel_schedule)
-    return problems
+    return problems + pipeline_value_problems(par)
 
 
 # Pipeline options that are counts: the smallest value each takes.
@@ -205,6 +195,25 @@ PP_COUNTS = {
     "pipeline_parallel_first_stage_less_layers": 0,
     "pipeline_parallel_last_stage_less_layers": 0,
 }
+
+
+def pipeline_value_problems(par: Parallelism) -> list[str]:
+    """The PP options on their own: counts in range, no schedule CSV, and (with PP on) a schedule torch runs.
+
+    What they give a model (its stages, the microbatches a schedule needs) is ``savepoint.job``'s check.
+    """
+    p = "--parallelism."
+    problems: list[str] = []
+    for name, floor in PP_COUNTS.items():
+        value = getattr(par, name)  # layers_per_stage may be None (split by the schedule)
+        problems += need(f"{p}{name}", value, value is None or value >= floor, f">= {floor}")
+    if par.pipeline_parallel_schedule_csv:
+        problems.append(f"{p}pipeline_parallel_schedule_csv={par.pipeline_parallel_schedule_csv}: schedules from "
+                        "a CSV file are not supported yet; leave it empty and name one with "
+                        f"{p}pipeline_parallel_schedule")
+    if par.pipeline_parallel_degree > 1:
+        problems += schedule_problems(par.pipeline_parallel_schedule)
+    return problems
 
 
 def _comm_problems(c: Comm) -> list[str]:
