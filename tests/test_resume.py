@@ -170,8 +170,8 @@ def test_unsupported_options_fail_loudly(tmp_path):
     from savepoint.train import Trainer
     from tests.conftest import make_config
 
-    for flag in (["--parallelism.pipeline_parallel_degree", "2"],
-                 ["--parallelism.context_parallel_degree", "2"]):
+    for flag in (["--parallelism.context_parallel_degree", "2"],
+                 ["--parallelism.expert_parallel_degree", "2"]):
         with pytest.raises(NotSupportedYet, match="not supported yet"):
             Trainer(make_config(tmp_path, *flag))
 

@@ -156,7 +156,11 @@ def test_bad_layouts_fail_before_launch(tmp_path):
              "2"], "set --parallelism.tensor_parallel_degree 1"),
         (3, ["--parallelism.tensor_parallel_degree", "3"],
          "--parallelism.tensor_parallel_degree=3 does not divide the attention head count (n_heads=16"),
-        (2, ["--parallelism.pipeline_parallel_degree", "2"], "pipeline parallelism is not supported yet"),
+        (8, ["--parallelism.pipeline_parallel_degree", "8", "--parallelism.pipeline_parallel_schedule",
+             "Interleaved1F1B"], "Interleaved1F1B at --parallelism.pipeline_parallel_degree=8 uses 16 stage(s): 16 "
+         "stages is more than the model's 6 layers"),
+        (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "3"],
+         "--training.local_batch_size=8 is not divisible by --parallelism.pipeline_parallel_microbatch_size=3"),
     ]
     for ngpu, args, message in cases:
         proc = run_train(None, *args, dump=tmp_path, ngpu=ngpu)
