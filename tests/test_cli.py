@@ -86,6 +86,55 @@ def test_toml_interval_zero():
     assert proc.returncode == 1 and "--checkpoint.interval" in proc.stderr
 
 
+# ---- pipeline parallelism, checked before any process starts ------------------------------------
+
+PP = "--parallelism.pipeline_parallel_degree"
+SCHEDULE = "--parallelism.pipeline_parallel_schedule"
+PARTS = "--parallelism.module_fqns_per_model_part"
+# (NGPU, arguments, the one error line); the debug config: 6 layers, local_batch_size 8.
+PIPELINE_CHECKS = [
+    (4, [PP, "3"], "error: invalid configuration: --parallelism.pipeline_parallel_degree=3 x "
+                   "--parallelism.data_parallel_replicate_degree=1 x --parallelism.tensor_parallel_degree=1 = 3 does "
+                   "not divide the world size 4 (NGPU=4)"),
+    (2, [PP, "2", SCHEDULE, "1FB1"], "error: invalid configuration: --parallelism.pipeline_parallel_schedule=1FB1 "
+                                     "is not a pipeline schedule (did you mean 1F1B?)"),
+    (4, [PP, "4", "--training.local_batch_size", "3"],
+     "error: invalid configuration: --training.local_batch_size=3 / --parallelism.pipeline_parallel_microbatch_size=1 "
+     "gives 3 microbatch(es), but --parallelism.pipeline_parallel_schedule=1F1B needs at least one per stage (4)"),
+    (2, [PP, "2", PARTS, "tok_embeddings,layers.3,layers.4,layers.5;layers.0,layers.1,layers.2,norm,output"],
+     "error: invalid configuration: --parallelism.module_fqns_per_model_part: model part 1 holds layers.0, which "
+     "comes before layers.5 of model part 0 in the model"),
+]
+
+
+def test_pipeline_layouts_are_checked_before_launch():
+    """``savepoint check`` with the world size run_train.sh passes: one line, exit 1; a pipeline that fits passes."""
+    for ngpu, argv, line in PIPELINE_CHECKS:
+        proc = savepoint("check", *argv, SAVEPOINT_WORLD_SIZE=str(ngpu))
+        assert proc.returncode == 1, (argv, proc.stderr)
+        assert proc.stderr.startswith(line) and len(proc.stderr.strip().splitlines()) == 1, (argv, proc.stderr)
+    fits = [(2, [PP, "2"]), (4, [PP, "2", SCHEDULE, "interleaved1f1b"]),  # PP 2 x FSDP 2, 4 stages
+            (2, [PP, "2", SCHEDULE, "ZBVZeroBubble", PARTS,
+                 "tok_embeddings,layers.0;layers.1,layers.2;layers.3,layers.4;layers.5,norm,output"])]
+    for ngpu, argv in fits:
+        proc = savepoint("check", *argv, SAVEPOINT_WORLD_SIZE=str(ngpu))
+        assert proc.returncode == 0 and proc.stderr == "", (argv, proc.stderr)
+
+
+def test_run_train_help_lists_the_pipeline_keys():
+    from tests.test_config import PP_HELP
+
+    env = {"PATH": "/usr/bin:/bin", "SAVEPOINT_PYTHON": sys.executable}
+    proc = subprocess.run(["./run_train.sh", "--help", PARTS, "tok_embeddings;norm"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    for usage in PP_HELP:  # the config file or the command line may set a value: it shows next to the default
+        flag, default = usage.split(" (default: ")
+        assert any(line.startswith(flag) and line.endswith(f"default: {default}") for line in lines), usage
+    assert f"{PARTS} A,B;C,D;... = tok_embeddings;norm (from the command line; default: none)" in lines
+
+
 # ---- help and unknown commands (in-process) -------------------------------------------------------
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
