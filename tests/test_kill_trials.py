@@ -9,6 +9,7 @@ marked ``slow``: ``./run_tests.sh -m slow tests/test_kill_trials.py``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,24 @@ def test_kill_trials_at_two_ranks(tmp_path, trials, seed, timeout):
     assert summary["trials"] == trials and summary["by_mode"] == _by_mode(trials)
     assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("trials", "seed", "mode", "min_kills", "timeout"), [
+    pytest.param(2, 1, "disabled,async", 2, 600, id="2-trials"),  # seed 1: both kills halfway through the run
+    pytest.param(30, 3, "all", 20, 2 * 3600, id="30-trials", marks=pytest.mark.slow),  # a run may end first
+])
+def test_kill_trials_at_pp2(tmp_path, trials, seed, mode, min_kills, timeout):
+    """Pipeline parallelism at two ranks, two stages each (Interleaved1F1B): both stages die together, the
+    restart resumes from the newest committed step and every loss is bit-identical to an uninterrupted run's."""
+    summary, proc = _campaign(tmp_path, ["--trials", str(trials), "--seed", str(seed), "--mode", mode,
+                                         "--world-size", "2", "--pp", "2", "--steps", "3"], timeout)
+    modes = MODES if mode == "all" else tuple(mode.split(","))
+    assert summary["trials"] == trials and summary["by_mode"] == _by_mode(trials, modes)
+    assert summary["layout"] == {"world_size": 2, "pp": 2, "pp_schedule": "Interleaved1F1B"}
+    assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = re.search(r"^restarts: .*resume (\d+)", proc.stdout, re.MULTILINE)
+    assert summary["kills"] >= min_kills and resumed and int(resumed[1]) >= 1, proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize(("trials", "seed", "mode", "min_kills", "timeout"), [

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from savepoint.durable import MANIFEST
 from tests.trials.common import job_argv
 from tests.trials.folder import compare_losses, read_folder, read_losses, verify_folder
 
@@ -28,10 +29,24 @@ class JobSpec:
     interval: int = 1
     keep: int = 2
     world_size: int = 1
+    pp: int = 1  # pipeline-parallel degree (dividing world_size); data parallelism takes the rest
+    pp_schedule: str = "Interleaved1F1B"
 
     def argv(self, dump_folder: Path) -> list[str]:
+        pipeline = () if self.pp == 1 else (
+            "--parallelism.pipeline_parallel_degree", str(self.pp),
+            "--parallelism.pipeline_parallel_schedule", self.pp_schedule)
         return job_argv(dump_folder, steps=self.steps, keep=self.keep, warmup_steps=2, interval=self.interval,
-                        extra=("--lr_scheduler.decay_ratio", "0.5", "--checkpoint.async_mode", self.mode))
+                        extra=("--lr_scheduler.decay_ratio", "0.5", "--checkpoint.async_mode", self.mode, *pipeline))
+
+    def layout_problem(self, step_dir: Path) -> str | None:
+        """Why the layout ``step_dir``'s manifest records is not this job's (world size, PP degree), or None."""
+        layout = json.loads((step_dir / MANIFEST).read_text())["layout"]
+        pp = layout.get("pipeline_parallel_degree", 1)
+        if layout["world_size"] == self.world_size and pp == self.pp:
+            return None
+        return f"{step_dir} was saved at world size {layout['world_size']}, PP {pp}; the job asks for " \
+               f"{self.world_size}, PP {self.pp}"
 
     def saved_steps(self) -> list[int]:
         """The steps an uninterrupted run saves, ascending (every interval, and the last)."""
@@ -105,6 +120,9 @@ def reference_losses(spec: JobSpec, dump: Path, what: str) -> dict[int, float]:
     problems = verify_folder(checkpoint_root(dump), state)
     if problems or state.committed != spec.final_steps():
         raise RuntimeError(f"{what} ({spec.mode}): folder {state.committed}, problems {problems}")
+    layout = spec.layout_problem(checkpoint_root(dump) / f"step-{state.committed[-1]}")
+    if layout:
+        raise RuntimeError(f"{what} ({spec.mode}): {layout}")
     return losses
 
 

@@ -5,10 +5,12 @@ Run from the repository root with the project's interpreter (``scripts/bootstrap
     .venv/bin/python -m tests.trials.kill --trials 1000 --seed 0 --mode all          # ws=1
     .venv/bin/python -m tests.trials.kill --trials 60 --seed 0 --mode all --world-size 2
     .venv/bin/python -m tests.trials.kill --trials 30 --target launcher --world-size 2 --mode all
+    .venv/bin/python -m tests.trials.kill --trials 30 --world-size 2 --pp 2 --mode all      # 2 pipeline stages
 
-``--help`` lists every option. The exit status is 1 if any trial went wrong; ``--json FILE`` also
-writes the counts. ``tests/test_kill_trials.py`` runs small campaigns (the full ones under the
-``slow`` marker).
+``--pp 2`` runs the job with pipeline parallelism (``--pp-schedule``, Interleaved1F1B by default:
+two stages per rank); the world size must be a multiple of it. ``--help`` lists every option.
+The exit status is 1 if any trial went wrong; ``--json FILE`` also writes the counts.
+``tests/test_kill_trials.py`` runs small campaigns (the full ones under the ``slow`` marker).
 
 ``--target job`` (the default, ``tests.trials.forked``) forks the job's ranks and kills their
 process group; ``--target launcher`` (``tests.trials.launcher``) kills the launcher (torchrun, as
@@ -56,7 +58,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +78,7 @@ class Summary:
     results: list[TrialResult]
     wall_s: float
     references: dict[str, Reference]
+    layout: dict = field(default_factory=dict)  # the job's world_size, pp and pp_schedule
 
     @property
     def bad(self) -> list[TrialResult]:
@@ -91,7 +94,8 @@ class Summary:
         return {"trials": len(self.results), "kills": sum(len(r.kills) for r in self.results),
                 "bad": len(self.bad), "outcomes": dict(self.outcomes()), "phases": dict(self.phases()),
                 "by_mode": dict(Counter(r.mode for r in self.results)), "wall_s": self.wall_s,
-                "launcher": self.launcher_counts(), "bad_trials": [r.as_json() for r in self.bad]}
+                "launcher": self.launcher_counts(), "layout": self.layout,
+                "bad_trials": [r.as_json() for r in self.bad]}
 
     def launcher_counts(self) -> dict | None:
         """--target launcher: kills by kind, survivors, how long the job took to go, restart outcomes."""
@@ -109,6 +113,9 @@ class Summary:
         kills = sum(len(r.kills) for r in self.results)
         lines = [f"kill trials: {len(self.results)} trials, {kills} kills, {self.wall_s:.1f} s wall "
                  f"({self.wall_s / max(len(self.results), 1):.2f} s/trial)"]
+        if self.layout:
+            pipeline = f", PP {self.layout['pp']} ({self.layout['pp_schedule']})" if self.layout["pp"] > 1 else ""
+            lines.append(f"job: world size {self.layout['world_size']}{pipeline}")
         for mode, ref in self.references.items():
             rs = [r for r in self.results if r.mode == mode]
             lines.append(f"  {mode:22s} trials {len(rs):5d}  bad {sum(r.outcome != 'ok' for r in rs):3d}  "
@@ -249,12 +256,16 @@ def _run_forked_workers(campaign: Campaign, trials: int, jobs: int) -> list[Tria
 def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world_size: int = 1,
                steps: int = 6, interval: int = 1, keep: int = 2, kills_per_trial: int = 1,
                workdir: str | Path | None = None, progress: bool = False, jobs: int = 1,
-               warmup: bool = True, target: str = "job") -> Summary:
+               warmup: bool = True, target: str = "job", pp: int = 1,
+               pp_schedule: str = "Interleaved1F1B") -> Summary:
     """Run ``trials`` kill trials, spread round-robin over ``modes``, ``jobs`` at a time; returns the summary.
 
     ``target``: ``job`` kills the forked ranks' process group; ``launcher`` runs each job through
     ``savepoint.launch`` (torchrun) and kills the launcher or its group (see ``tests.trials.launcher``).
+    ``pp``: the job's pipeline-parallel degree (a divisor of ``world_size``), run with ``pp_schedule``.
     """
+    if world_size % pp:
+        raise ValueError(f"pp={pp} does not divide world_size={world_size}")
     started = time.monotonic()
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="kill-trials-")) if own_workdir else Path(workdir)
@@ -264,8 +275,8 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
         launcher = target == "launcher"
         if warmup and not launcher:
             warm_up(work)
-        specs = {m: JobSpec(mode=m, steps=steps, interval=interval, keep=keep, world_size=world_size)
-                 for m in modes}
+        specs = {m: JobSpec(mode=m, steps=steps, interval=interval, keep=keep, world_size=world_size, pp=pp,
+                            pp_schedule=pp_schedule) for m in modes}
         refs = {m: (launcher_reference_run if launcher else reference_run)(specs[m], work) for m in modes}
         campaign = Campaign(specs, refs, modes, seed, work, kills_per_trial, target, started, progress)
         if jobs > 1:
@@ -279,15 +290,33 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
     finally:
         if own_workdir and not any(r.outcome != "ok" for r in results):
             shutil.rmtree(work, ignore_errors=True)
-    return Summary(results, time.monotonic() - started, refs)
+    layout = {"world_size": world_size, "pp": pp, "pp_schedule": pp_schedule if pp > 1 else None}
+    return Summary(results, time.monotonic() - started, refs, layout)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    """``--mode``: ``all``, one mode or a comma-separated list of them."""
+    if text == "all":
+        return MODES
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",")))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown) or repr(text)}: give all or some of "
+                                         f"{', '.join(MODES)}, comma-separated")
+    return modes
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.trials.kill", description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    p.add_argument("--mode", type=_modes, default=MODES, metavar="{all," + ",".join(MODES) + "}",
+                   help="async mode(s) of the job: one, a comma-separated list, or all (default)")
     p.add_argument("--world-size", type=int, choices=(1, 2), default=1)
+    p.add_argument("--pp", type=int, choices=(1, 2), default=1,
+                   help="pipeline-parallel degree of the job (default 1; 2 needs --world-size 2)")
+    p.add_argument("--pp-schedule", default="Interleaved1F1B",
+                   help="--parallelism.pipeline_parallel_schedule with --pp 2 (default Interleaved1F1B)")
     p.add_argument("--steps", type=int, default=6, help="training.steps of the job (default 6)")
     p.add_argument("--interval", type=int, default=1, help="checkpoint.interval (default 1)")
     p.add_argument("--keep", type=int, default=2, help="checkpoint.keep_latest_k (default 2)")
@@ -302,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where trial folders go (default: a fresh temp folder)")
     p.add_argument("--json", default=None, help="also write the counts as JSON to this file")
     args = p.parse_args(argv)
-    modes = MODES if args.mode == "all" else (args.mode,)
+    if args.world_size % args.pp:
+        p.error(f"--pp {args.pp} needs a --world-size it divides (got --world-size {args.world_size})")
+    modes = args.mode
     summary = run_trials(args.trials, args.seed, modes, args.world_size, args.steps, args.interval, args.keep,
                          args.kills_per_trial, args.workdir, progress=True, jobs=args.jobs,
-                         warmup=not args.no_warmup, target=args.target)
+                         warmup=not args.no_warmup, target=args.target, pp=args.pp, pp_schedule=args.pp_schedule)
     return finish(summary.report(), summary.as_json(), args.json, bool(summary.bad))
 
 
