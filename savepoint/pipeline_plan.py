@@ -137,21 +137,26 @@ def module_problems(modules_per_stage: Sequence[Sequence[str]], n_layers: int) -
     if not modules_per_stage:
         return [f"{flag} lists no model part; give one list of modules per stage, or none to split evenly"]
     seen: dict[str, int] = {}
+    unknown: list[tuple[int, str]] = []
     problems = []
     for s, stage in enumerate(modules_per_stage):
         if not stage:
             problems.append(f"{flag}: model part {s} is empty; give every part at least one module")
         for name in stage:
             if name not in every:
-                close = difflib.get_close_matches(name, every, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"{flag}: model part {s} names {name!r}, which the model does not have{hint}; "
-                                f"its modules are {known}")
+                unknown.append((s, name))
             elif name in seen:
                 problems.append(f"{flag}: {name!r} is in model parts {seen[name]} and {s}; name each module once")
             else:
                 seen[name] = s
     missing = [name for name in every if name not in seen]
+    for s, name in unknown:  # a misspelt name's close match among the left-out ones is not reported again
+        close = difflib.get_close_matches(name, missing, n=1) or difflib.get_close_matches(name, every, n=1)
+        if close and close[0] in missing:
+            missing.remove(close[0])
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{flag}: model part {s} names {name!r}, which the model does not have{hint}; "
+                        f"its modules are {known}")
     if missing:
         problems.append(f"{flag} leaves out {', '.join(missing)}; every module must be in one model part")
     return problems + _order_problems(modules_per_stage, seen, every, flag)

@@ -7,7 +7,8 @@ Run it as a module from the repository root (as above), so that it imports the r
 ``tests`` package there.
 
 Rows are grouped by the table they come from in the test; each shows the command the row runs
-(``savepoint train`` unless it says otherwise) and the whole of what it printed on stderr.
+(``savepoint train`` unless it says otherwise; ``SAVEPOINT_WORLD_SIZE=N savepoint check`` is what
+``NGPU=N ./run_train.sh`` runs before it launches) and the whole of what it printed on stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ AREAS = [
     ("Commit, lock, disk and launcher", rows.COMMIT_CASES),
     ("Values restored from a checkpoint, and config values", rows.LOADED_VALUE_CASES),
     ("Hugging Face folders and exports", rows.HF_CASES),
+    ("Pipeline parallelism, refused before launch", rows.PIPELINE_CASES),
 ]
 
 HEAD = """# Bad input: one clear error, nothing touched
@@ -33,8 +35,9 @@ steps 5 and 10 of the debug model, damages it (or passes a bad option), runs the
 asserts: exactly one line on stderr, `error: ...`, naming what is wrong, where and how to fix it,
 with no traceback; exit status 1; every file under the checkpoint folder byte-identical to what it
 was before the run (files a row damaged on purpose must stay as damaged). `<dump>` stands for
-`--job.dump_folder`. The messages are the ones the last run printed (regenerate this page with
-`scripts/bad_input_doc.py`).
+`--job.dump_folder`. `SAVEPOINT_WORLD_SIZE=N savepoint check` is the check `NGPU=N ./run_train.sh`
+runs before it starts any process. The messages are the ones the last run printed (regenerate this
+page with `scripts/bad_input_doc.py`).
 """
 
 
@@ -54,6 +57,8 @@ def main(report: str) -> None:
         for name in names:
             case = rows.CASES[name]
             command = "savepoint " + (case.command[0] if case.command else "train")
+            if case.world_size is not None:  # what run_train.sh runs before launch, with NGPU processes
+                command = f"SAVEPOINT_WORLD_SIZE={case.world_size} {command}"
             if case.command and len(case.command) > 1 and not case.command[1].startswith(("-", "{")):
                 command += " " + case.command[1]
             message = messages.get(name, "(not run)")

@@ -254,9 +254,20 @@ def test_module_problems():
                                       "to split evenly"]
     assert module_problems([HALVES[0], [], HALVES[1]], 6) == [
         f"{FLAG}: model part 1 is empty; give every part at least one module"]
+    # a misspelt module: its close match is not reported again as left out
     assert module_problems([HALVES[0], [*L[3:], "norm", "outputs"]], 6) == [
         f"{FLAG}: model part 1 names 'outputs', which the model does not have (did you mean output?); its modules "
-        "are tok_embeddings, layers.0 .. layers.5, norm, output",
+        "are tok_embeddings, layers.0 .. layers.5, norm, output"]
+    assert module_problems([["tok_embeddings", "layer.0", *L[1:3]], [*L[3:], "norm", "output"]], 6) == [
+        f"{FLAG}: model part 0 names 'layer.0', which the model does not have (did you mean layers.0?); its modules "
+        "are tok_embeddings, layers.0 .. layers.5, norm, output"]
+    # the hint is a left-out module when one is close, else the closest module; a module no name is close to
+    # is still left out
+    assert module_problems([["tok_embeddings", "layers.9", *L[:3]], [*L[3:], "norm", "blocks"]], 6) == [
+        f"{FLAG}: model part 0 names 'layers.9', which the model does not have (did you mean layers.5?); its "
+        "modules are tok_embeddings, layers.0 .. layers.5, norm, output",
+        f"{FLAG}: model part 1 names 'blocks', which the model does not have; its modules are tok_embeddings, "
+        "layers.0 .. layers.5, norm, output",
         f"{FLAG} leaves out output; every module must be in one model part"]
     assert module_problems([HALVES[0], ["layers.2", *HALVES[1]]], 6) == [
         f"{FLAG}: 'layers.2' is in model parts 0 and 1; name each module once"]
