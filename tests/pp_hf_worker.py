@@ -4,9 +4,10 @@
 
 One launch runs every scenario in a row, each with its own Trainer on the same process group:
 
-- ``export:<schedule>[:<extra layout>]``: train 2 steps at PP(2) (times the extra layout's degree),
-  the final save as a Hugging Face folder (``BASE/export_<name>/checkpoint/step-2``);
-- ``load:<schedule>[:<extra layout>]``: start such a run from ``HF_FOLDER`` (``initial_load_in_hf``).
+- ``export:<schedule>[:<extra>...]``: train 2 steps at PP(2), the final save as a Hugging Face
+  folder (``BASE/export_<schedule>[_<extra>...]/checkpoint/step-2``); extras (``EXTRAS``): ``fsdp``
+  (times FSDP 2), ``bf16`` (exported in bfloat16);
+- ``load:<schedule>[:<extra>...]``: start such a run from ``HF_FOLDER`` (``initial_load_in_hf``).
 
 Each writes, from rank 0, ``weights.pt`` (the whole model gathered from every stage after the
 export, or right after the load) and ``held.json`` (the model keys each rank held).
@@ -32,7 +33,7 @@ from tests.conftest import make_config  # noqa: E402
 
 # 4 samples a step: 4 microbatches of 1, enough for every schedule at PP(2).
 PP = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"]
-EXTRA = {"fsdp": ["--parallelism.data_parallel_shard_degree", "2"]}
+EXTRAS = {"fsdp": ["--parallelism.data_parallel_shard_degree", "2"], "bf16": ["--checkpoint.export_dtype", "bfloat16"]}
 HF_FINAL = ["--training.steps", "2", "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf"]
 
 
@@ -41,9 +42,12 @@ def scenario_name(scenario: str) -> str:
     return scenario.replace(":", "_")
 
 
-def pp_args(schedule: str, extra: str = "") -> list[str]:
-    shard = EXTRA.get(extra, ["--parallelism.data_parallel_shard_degree", "1"])
-    return [*PP, "--parallelism.pipeline_parallel_schedule", schedule, *shard]
+def pp_args(schedule: str, extras: list[str]) -> list[str]:
+    """PP(2) with ``schedule``; ``fsdp``: times FSDP(2); ``bf16``: exported in bfloat16."""
+    args = [*PP, "--parallelism.pipeline_parallel_schedule", schedule]
+    if "fsdp" not in extras:
+        args += ["--parallelism.data_parallel_shard_degree", "1"]
+    return args + [arg for extra in extras for arg in EXTRAS[extra]]
 
 
 def record(trainer: Trainer, out: Path) -> None:
@@ -58,18 +62,18 @@ def record(trainer: Trainer, out: Path) -> None:
         (out / "held.json").write_text(json.dumps([sorted(part) for part in everyone]))
 
 
-def export(base: Path, schedule: str, extra: str, name: str) -> None:
+def export(base: Path, schedule: str, extras: list[str], name: str) -> None:
     out = base / name
-    trainer = Trainer(make_config(out, *pp_args(schedule, extra), *HF_FINAL))
+    trainer = Trainer(make_config(out, *HF_FINAL, *pp_args(schedule, extras)))
     assert trainer.pipeline is not None
     trainer.train()
     record(trainer, out)
     trainer.checkpointer.close()
 
 
-def load(base: Path, source: Path, schedule: str, extra: str, name: str) -> None:
+def load(base: Path, source: Path, schedule: str, extras: list[str], name: str) -> None:
     out = base / name
-    trainer = Trainer(make_config(out, *pp_args(schedule, extra), "--checkpoint.initial_load_path", str(source),
+    trainer = Trainer(make_config(out, *pp_args(schedule, extras), "--checkpoint.initial_load_path", str(source),
                                   "--checkpoint.initial_load_in_hf"))
     assert trainer.pipeline is not None
     assert trainer.load_checkpoint() == 0
@@ -81,12 +85,11 @@ def load(base: Path, source: Path, schedule: str, extra: str, name: str) -> None
 def main(base: str, source: str, scenarios: str) -> None:
     init_distributed(Comm())
     for scenario in scenarios.split(","):
-        kind, schedule, *more = scenario.split(":")
-        extra = more[0] if more else ""
+        kind, schedule, *extras = scenario.split(":")
         if kind == "export":
-            export(Path(base), schedule, extra, scenario_name(scenario))
+            export(Path(base), schedule, extras, scenario_name(scenario))
         elif kind == "load":
-            load(Path(base), Path(source), schedule, extra, scenario_name(scenario))
+            load(Path(base), Path(source), schedule, extras, scenario_name(scenario))
         else:
             raise ValueError(f"unknown scenario {scenario}")
         dist.barrier()

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.distributed
 
 DEBUG = LLAMA3_FLAVORS["debugmodel"]
 TWO = ["export:1F1B", "export:Interleaved1F1B", "load:Interleaved1F1B"]
-FOUR = ["export:Interleaved1F1B:fsdp", "load:1F1B:fsdp"]
+FOUR = ["export:Interleaved1F1B:fsdp:bf16", "load:1F1B:fsdp"]
 EXPORTS = [s for s in TWO + FOUR if s.startswith("export")]
 
 
@@ -84,7 +84,7 @@ def assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
 
 
 def test_each_rank_held_only_its_stages(run_of):
-    for scenario in ("export:1F1B", "export:Interleaved1F1B", "export:Interleaved1F1B:fsdp"):
+    for scenario in EXPORTS:
         held = [set(keys) for keys in json.loads((run_of(scenario) / "held.json").read_text())]
         everything = set(Transformer(DEBUG).state_dict())
         first, last = (held[0], held[-1])
@@ -99,10 +99,12 @@ def test_pp_export_is_the_one_process_export(run_of, tmp_path, scenario):
     """Byte for byte: the same files, tensors, order, shards, index and config as a 1-process export."""
     run = run_of(scenario)
     exported = run / "checkpoint" / "step-2"
-    assert json.loads((exported / "manifest.json").read_text())["kind"] == "hf"
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["kind"] == "hf"
     model = savepoint_model(torch.load(run / "weights.pt"))
     reference = tmp_path / "one_process"
-    hf_steps(tmp_path).export(ModelState(model).state_dict())(reference)
+    hf_steps(tmp_path, "--checkpoint.export_dtype", manifest["export_dtype"]).export(
+        ModelState(model).state_dict())(reference)
     names = sorted(p.name for p in reference.iterdir())
     assert names == ["config.json", "model.safetensors", "model.safetensors.index.json"]
     assert sorted(p.name for p in exported.iterdir()) == sorted([*names, "manifest.json"])
