@@ -212,7 +212,7 @@ class CheckpointManager:
         self.finish_inflight()  # at most one save in flight; its error, if any, surfaces here
         model_only = last_step and self.cfg.last_save_model_only
         if model_only and self.cfg.last_save_in_hf:
-            self.writer.write(step, "hf", self.hf.export(self.model_state.state_dict()),
+            self.writer.write(step, "hf", self.hf.export(self.model_state.state_dict(), self.coord.group),
                               what="as a Hugging Face folder ")
         elif model_only:
             dtype = torch_dtype(self.cfg.export_dtype)
