@@ -44,6 +44,7 @@ from savepoint.checkpoint.verify import verify_step
 from savepoint.models.llama3 import LLAMA3_FLAVORS
 from tests import hostile
 from tests import test_hostile_metadata as hm
+from tests import test_pipeline_plan as pipeline_rows
 from tests.conftest import FAST_ARGS, ROOT, make_config, run_cli
 
 CONFIG = ROOT / "configs" / "debug_model.toml"
@@ -406,73 +407,12 @@ HF_CASES: dict[str, Case] = {  # Hugging Face folders and exports
         ["{dump}/hf/model.safetensors", "'model.norm.weight' holds 1 non-finite values", "Re-download"]),
 }
 
-# `savepoint check` as run_train.sh runs it before launching, on debug_model.toml (6 layers, local_batch_size 8).
-CHECK = ["check", "--job.config_file", str(CONFIG), "--job.dump_folder", "{dump}"]
-P = "--parallelism."
-PP2 = [f"{P}pipeline_parallel_degree", "2"]
-HALF = ["tok_embeddings", "layers.0", "layers.1", "layers.2"]  # the first of the two default parts
-
-
-def pp_check(world_size: int, *extra: str) -> dict:
-    return {"command": [*CHECK, *extra], "world_size": world_size}
-
-
-def parts(*names: list[str]) -> list[str]:
-    return [f"{P}module_fqns_per_model_part", ";".join(",".join(part) for part in names)]
-
-
+# `savepoint check` as run_train.sh runs it before launching, on debug_model.toml (the rows and their
+# words are tests/test_pipeline_plan.py's, by the stage-split tests they go with).
 PIPELINE_CASES: dict[str, Case] = {  # pipeline parallelism: refused before any process starts
-    "PP, degree does not fit NGPU": Case(
-        nothing, ["--parallelism.pipeline_parallel_degree=3 x", "does not divide the world size 4 (NGPU=4)"],
-        **pp_check(4, f"{P}pipeline_parallel_degree", "3")),
-    "PP, more stages than layers": Case(
-        nothing, ["Interleaved1F1B at --parallelism.pipeline_parallel_degree=8 uses 16 stage(s)",
-                  "more than the model's 6 layers", "use 1F1B"],
-        **pp_check(8, f"{P}pipeline_parallel_degree", "8", f"{P}pipeline_parallel_schedule", "Interleaved1F1B")),
-    "PP, batch not divisible by the microbatch": Case(
-        nothing, ["--training.local_batch_size=8 is not divisible by "
-                  "--parallelism.pipeline_parallel_microbatch_size=3"],
-        **pp_check(2, *PP2, f"{P}pipeline_parallel_microbatch_size", "3")),
-    "PP, too few microbatches for 1F1B": Case(
-        nothing, ["gives 2 microbatch(es)", "1F1B needs at least one per stage (4)", "change the local batch"],
-        **pp_check(4, f"{P}pipeline_parallel_degree", "4", f"{P}pipeline_parallel_microbatch_size", "4")),
-    "PP, microbatches Interleaved1F1B cannot round": Case(
-        nothing, ["gives 5 microbatch(es)", "Interleaved1F1B runs them in rounds of 2"],
-        **pp_check(2, *PP2, f"{P}pipeline_parallel_schedule", "Interleaved1F1B", "--training.local_batch_size", "5")),
-    "PP, unknown schedule": Case(
-        nothing, ["--parallelism.pipeline_parallel_schedule=Interleaved1FB is not a pipeline schedule",
-                  "did you mean Interleaved1F1B?"],
-        **pp_check(2, *PP2, f"{P}pipeline_parallel_schedule", "Interleaved1FB")),
-    "PP, abstract schedule": Case(
-        nothing, ["PipelineScheduleSingle is an abstract base class"],
-        **pp_check(2, *PP2, f"{P}pipeline_parallel_schedule", "PipelineScheduleSingle")),
-    "PP, schedule CSV": Case(
-        nothing, ["--parallelism.pipeline_parallel_schedule_csv=plan.csv", "not supported yet"],
-        **pp_check(2, *PP2, f"{P}pipeline_parallel_schedule_csv", "plan.csv")),
-    "PP, module the model lacks": Case(
-        nothing, ["model part 1 names 'layer.5', which the model does not have (did you mean layers.5?)"],
-        **pp_check(2, *PP2, *parts(HALF, ["layers.3", "layers.4", "layer.5", "norm", "output"]))),
-    "PP, module named twice": Case(
-        nothing, ["'layers.2' is in model parts 0 and 1; name each module once"],
-        **pp_check(2, *PP2, *parts(HALF, ["layers.2", "layers.3", "layers.4", "layers.5", "norm", "output"]))),
-    "PP, module left out": Case(
-        nothing, ["--parallelism.module_fqns_per_model_part leaves out layers.4"],
-        **pp_check(2, *PP2, *parts(HALF, ["layers.3", "layers.5", "norm", "output"]))),
-    "PP, modules out of model order": Case(
-        nothing, ["model part 1 holds layers.0, which comes before layers.5 of model part 0",
-                  "list the modules in model order"],
-        **pp_check(2, *PP2, *parts(["tok_embeddings", "layers.3", "layers.4", "layers.5"],
-                                   ["layers.0", "layers.1", "layers.2", "norm", "output"]))),
-    "PP, part count the degree does not divide": Case(
-        nothing, ["has 3 model part(s), which --parallelism.pipeline_parallel_degree=2 does not divide"],
-        **pp_check(2, *PP2, *parts(HALF, ["layers.3", "layers.4"], ["layers.5", "norm", "output"]))),
-    "PP, 1F1B with two parts per rank": Case(
-        nothing, ["has 4 model part(s), 2 per PP rank, but 1F1B runs one stage per rank", "Interleaved1F1B"],
-        **pp_check(2, *PP2, *parts(HALF[:2], HALF[2:], ["layers.3", "layers.4"], ["layers.5", "norm", "output"]))),
-    "PP, seed checkpoint": Case(
-        nothing, ["--checkpoint.create_seed_checkpoint needs every parallel degree 1",
-                  "set --parallelism.pipeline_parallel_degree 1 (got 2)"],
-        **pp_check(1, *PP2, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")),
+    name: Case(nothing, expect, command=["check", "--job.config_file", str(CONFIG), "--job.dump_folder", "{dump}",
+                                         *argv], world_size=ngpu)
+    for name, (ngpu, argv, expect) in pipeline_rows.REFUSED_BEFORE_LAUNCH.items()
 }
 
 for _table in (HOSTILE_READ_CASES, COMMIT_CASES, LOADED_VALUE_CASES, HF_CASES, PIPELINE_CASES):

@@ -122,7 +122,7 @@ def test_pipeline_layouts_are_checked_before_launch():
 
 
 def test_run_train_help_lists_the_pipeline_keys():
-    from tests.test_config import PP_HELP
+    from tests.test_pipeline_plan import PP_HELP
 
     env = {"PATH": "/usr/bin:/bin", "SAVEPOINT_PYTHON": sys.executable}
     proc = subprocess.run(["./run_train.sh", "--help", PARTS, "tok_embeddings;norm"], cwd=ROOT, env=env,

@@ -1,9 +1,14 @@
-"""The pipeline plan (torch-free): TorchTitan's stage split, the stages each PP rank runs, and every refusal."""
+"""The pipeline plan (torch-free): TorchTitan's stage split, the stages each PP rank runs, every refusal,
+and the [parallelism] pipeline keys it reads (help, TOML and command line)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from savepoint.config import JobConfig, help_text
 from savepoint.pipeline_plan import (
     LOOPED,
     RUNS,
@@ -17,6 +22,7 @@ from savepoint.pipeline_plan import (
     plan_pipeline,
     schedule_problems,
 )
+from tests.test_config import NO_ENV, only_problem, parse, write
 
 P = "--parallelism."
 L = [f"layers.{i}" for i in range(6)]  # the debug model's 6 layers
@@ -307,3 +313,146 @@ def test_module_and_batch_problems_together():
     result, problems = plan(microbatch_size=3, modules_per_stage=[HALVES[0], ["layers.3", "norm", "output"]])
     assert result is None and len(problems) == 2
     assert "is not divisible by" in problems[0] and "leaves out layers.4, layers.5" in problems[1]
+
+
+# ---- refused before launch: rows of tests/test_bad_input.py ---------------------------------------
+
+PP2 = [f"{P}pipeline_parallel_degree", "2"]
+HALF = ["tok_embeddings", "layers.0", "layers.1", "layers.2"]  # the first of the two default parts
+
+
+def parts(*names: list[str]) -> list[str]:
+    return [FLAG, ";".join(",".join(part) for part in names)]
+
+
+# name -> (NGPU, arguments of `savepoint check` on debug_model.toml (6 layers, local_batch_size 8), words of the
+# one error line). tests/test_bad_input.py runs each with SAVEPOINT_WORLD_SIZE=NGPU, as run_train.sh does.
+REFUSED_BEFORE_LAUNCH: dict[str, tuple[int, list[str], list[str]]] = {
+    "PP, degree does not fit NGPU": (
+        4, [f"{P}pipeline_parallel_degree", "3"],
+        ["--parallelism.pipeline_parallel_degree=3 x", "does not divide the world size 4 (NGPU=4)"]),
+    "PP, more stages than layers": (
+        8, [f"{P}pipeline_parallel_degree", "8", f"{P}pipeline_parallel_schedule", "Interleaved1F1B"],
+        ["Interleaved1F1B at --parallelism.pipeline_parallel_degree=8 uses 16 stage(s)",
+         "more than the model's 6 layers", "use 1F1B"]),
+    "PP, batch not divisible by the microbatch": (
+        2, [*PP2, f"{P}pipeline_parallel_microbatch_size", "3"],
+        ["--training.local_batch_size=8 is not divisible by --parallelism.pipeline_parallel_microbatch_size=3"]),
+    "PP, too few microbatches for 1F1B": (
+        4, [f"{P}pipeline_parallel_degree", "4", f"{P}pipeline_parallel_microbatch_size", "4"],
+        ["gives 2 microbatch(es)", "1F1B needs at least one per stage (4)", "change the local batch"]),
+    "PP, microbatches Interleaved1F1B cannot round": (
+        2, [*PP2, f"{P}pipeline_parallel_schedule", "Interleaved1F1B", "--training.local_batch_size", "5"],
+        ["gives 5 microbatch(es)", "Interleaved1F1B runs them in rounds of 2"]),
+    "PP, unknown schedule": (
+        2, [*PP2, f"{P}pipeline_parallel_schedule", "Interleaved1FB"],
+        ["--parallelism.pipeline_parallel_schedule=Interleaved1FB is not a pipeline schedule",
+         "did you mean Interleaved1F1B?"]),
+    "PP, abstract schedule": (
+        2, [*PP2, f"{P}pipeline_parallel_schedule", "PipelineScheduleSingle"],
+        ["PipelineScheduleSingle is an abstract base class"]),
+    "PP, schedule CSV": (
+        2, [*PP2, f"{P}pipeline_parallel_schedule_csv", "plan.csv"],
+        ["--parallelism.pipeline_parallel_schedule_csv=plan.csv", "not supported yet"]),
+    "PP, module the model lacks": (
+        2, [*PP2, *parts(HALF, ["layers.3", "layers.4", "layer.5", "norm", "output"])],
+        ["model part 1 names 'layer.5', which the model does not have (did you mean layers.5?)"]),
+    "PP, module named twice": (
+        2, [*PP2, *parts(HALF, ["layers.2", "layers.3", "layers.4", "layers.5", "norm", "output"])],
+        ["'layers.2' is in model parts 0 and 1; name each module once"]),
+    "PP, module left out": (
+        2, [*PP2, *parts(HALF, ["layers.3", "layers.5", "norm", "output"])],
+        ["--parallelism.module_fqns_per_model_part leaves out layers.4"]),
+    "PP, modules out of model order": (
+        2, [*PP2, *parts(["tok_embeddings", "layers.3", "layers.4", "layers.5"],
+                         ["layers.0", "layers.1", "layers.2", "norm", "output"])],
+        ["model part 1 holds layers.0, which comes before layers.5 of model part 0",
+         "list the modules in model order"]),
+    "PP, part count the degree does not divide": (
+        2, [*PP2, *parts(HALF, ["layers.3", "layers.4"], ["layers.5", "norm", "output"])],
+        ["has 3 model part(s), which --parallelism.pipeline_parallel_degree=2 does not divide"]),
+    "PP, 1F1B with two parts per rank": (
+        2, [*PP2, *parts(HALF[:2], HALF[2:], ["layers.3", "layers.4"], ["layers.5", "norm", "output"])],
+        ["has 4 model part(s), 2 per PP rank, but 1F1B runs one stage per rank", "Interleaved1F1B"]),
+    "PP, seed checkpoint": (
+        1, [*PP2, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint"],
+        ["--checkpoint.create_seed_checkpoint needs every parallel degree 1",
+         "set --parallelism.pipeline_parallel_degree 1 (got 2)"]),
+}
+
+
+# ---- the config keys ----------------------------------------------------------------------------
+
+# TorchTitan v0.2.2's [parallelism] pipeline keys, with its defaults, as --help shows them.
+PP_HELP = [
+    "--parallelism.pipeline_parallel_degree INT (default: 1)",
+    "--parallelism.pipeline_parallel_schedule STR (default: 1F1B)",
+    "--parallelism.pipeline_parallel_microbatch_size INT (default: 1)",
+    "--parallelism.pipeline_parallel_layers_per_stage INT (default: none)",
+    "--parallelism.pipeline_parallel_first_stage_less_layers INT (default: 1)",
+    "--parallelism.pipeline_parallel_last_stage_less_layers INT (default: 1)",
+    "--parallelism.module_fqns_per_model_part A,B;C,D;... (default: none)",
+    '--parallelism.pipeline_parallel_schedule_csv STR (default: "")',
+]
+
+
+def test_help_lists_the_pipeline_keys_with_their_defaults() -> None:
+    lines = [line.strip() for line in help_text().splitlines()]
+    for usage in PP_HELP:
+        assert usage in lines, usage
+    par = JobConfig().parallelism
+    assert (par.pipeline_parallel_degree, par.pipeline_parallel_schedule, par.pipeline_parallel_microbatch_size,
+            par.pipeline_parallel_layers_per_stage, par.pipeline_parallel_first_stage_less_layers,
+            par.pipeline_parallel_last_stage_less_layers, par.module_fqns_per_model_part,
+            par.pipeline_parallel_schedule_csv) == (1, "1F1B", 1, None, 1, 1, None, "")
+    shown = help_text(argv=["--parallelism.module_fqns_per_model_part", "a,b;c", "--help"], environ=NO_ENV)
+    assert "--parallelism.module_fqns_per_model_part A,B;C,D;... = a,b;c (from the command line; default: none)" \
+        in shown
+
+
+PARTS_TOML = [HALF, ["layers.3", "layers.4", "layers.5", "norm", "output"]]
+
+
+def test_pipeline_keys_from_toml_and_cli(tmp_path: Path) -> None:
+    path = write(tmp_path, "[parallelism]\npipeline_parallel_degree = 2\npipeline_parallel_schedule = 'GPipe'\n"
+                           f"module_fqns_per_model_part = {json.dumps(PARTS_TOML)}\n"
+                           "pipeline_parallel_microbatch_size = 2\n"
+                           "pipeline_parallel_first_stage_less_layers = 0\n"
+                           "pipeline_parallel_last_stage_less_layers = 2\n[training]\nlocal_batch_size = 4\n")
+    par = parse("--job.config_file", path).parallelism
+    assert (par.pipeline_parallel_degree, par.pipeline_parallel_schedule, par.module_fqns_per_model_part) == \
+        (2, "GPipe", PARTS_TOML)
+    assert (par.pipeline_parallel_microbatch_size, par.pipeline_parallel_first_stage_less_layers,
+            par.pipeline_parallel_last_stage_less_layers) == (2, 0, 2)
+    cli = ";".join(",".join(part) for part in PARTS_TOML)
+    par = parse("--parallelism.pipeline_parallel_degree=2", "--parallelism.module_fqns_per_model_part", cli,
+                "--parallelism.pipeline_parallel_layers_per_stage", "none").parallelism
+    assert par.module_fqns_per_model_part == PARTS_TOML and par.pipeline_parallel_layers_per_stage is None
+    spaced = parse("--parallelism.module_fqns_per_model_part", " tok_embeddings , layers.0 ;; layers.1 ;")
+    assert spaced.parallelism.module_fqns_per_model_part == [["tok_embeddings", "layers.0"], ["layers.1"]]
+    cleared = parse("--job.config_file", path, "--parallelism.module_fqns_per_model_part", "none",
+                    "--parallelism.pipeline_parallel_layers_per_stage", "4")  # 2 stages of 4 (1 + 6 + 1 layers)
+    assert cleared.parallelism.module_fqns_per_model_part is None
+    assert cleared.parallelism.pipeline_parallel_layers_per_stage == 4
+
+
+@pytest.mark.parametrize("value", ['["tok_embeddings", "layers.0"]', '[["tok_embeddings"], "layers.0"]',
+                                   '"tok_embeddings,layers.0;layers.1"', '[["tok_embeddings", 3]]'])
+def test_module_fqns_of_the_wrong_toml_type(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[parallelism]\nmodule_fqns_per_model_part = {value}\n")
+    problem = only_problem(["--job.config_file", path])
+    assert problem.startswith(f"parallelism.module_fqns_per_model_part in {path}: expected list[list[str]], got ")
+    assert "\n" not in problem
+
+
+def test_pipeline_values_are_checked() -> None:
+    p = "--parallelism."
+    for key, floor in (("microbatch_size", 1), ("layers_per_stage", 1), ("first_stage_less_layers", 0),
+                       ("last_stage_less_layers", 0)):
+        problem = only_problem([f"{p}pipeline_parallel_{key}", str(floor - 1)])
+        assert problem.startswith(f"{p}pipeline_parallel_{key} must be >= {floor}, got {floor - 1}")
+    assert "not supported yet" in only_problem([f"{p}pipeline_parallel_schedule_csv", "schedule.csv"])
+    assert "did you mean Interleaved1F1B?" in only_problem([f"{p}pipeline_parallel_degree", "2",
+                                                             f"{p}pipeline_parallel_schedule", "Interleavd1F1B"])
+    assert parse(f"{p}pipeline_parallel_schedule", "nonsense").parallelism.pipeline_parallel_degree == 1  # PP off
+    assert parse(f"{p}pipeline_parallel_degree", "2", f"{p}pipeline_parallel_schedule", "dualpipev")
