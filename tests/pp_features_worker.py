@@ -6,7 +6,8 @@ Every job runs at PP(2) (two ranks, two stages each: Interleaved1F1B, no data pa
 global batch of 4 samples, 4 microbatches of 1. One launch runs the scenarios in a row, each with
 its own Trainer in ``BASE/<scenario>/``; rank 0 writes what the tests check there: ``final.pt`` /
 ``loaded.pt`` (the whole model and optimizer state, gathered from both stages), ``result.json``
-(what each rank saw) and ``rank<R>.log`` (each rank's savepoint log).
+(what each rank saw) and ``rank<R>.log`` (each rank's savepoint log; a restart's goes to
+``resumed.rank<R>.log``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ PREEMPTED_AT = 3
 DAMAGED = "__1_0.distcp"  # rank 1's file: the second stage's tensors
 
 
-def trainer_for(out: Path, *extra: str) -> Trainer:
+def trainer_for(out: Path, *extra: str, log: str = "") -> Trainer:
+    """A PP(2) trainer of ``JOB`` + ``extra`` in ``out``; its log goes to ``out/<log>rank<R>.log``."""
     out.mkdir(parents=True, exist_ok=True)
-    _log_to(out / f"rank{dist.get_rank()}.log")
+    _log_to(out / f"{log}rank{dist.get_rank()}.log")
     return Trainer(make_config(out, *JOB, *extra))
 
 
@@ -203,7 +205,7 @@ def preempt(base: Path) -> None:
         Trainer.train_step = original
     stopped = per_rank(trainer.train_state.step)
     barrier()
-    resumed = trainer_for(out, *NO_INTERVAL)
+    resumed = trainer_for(out, *NO_INTERVAL, log="resumed.")
     resumed.train()
     resumed.checkpointer.close()
     write_result(out, {"stopped": stopped, "resumed_from": per_rank(resumed.loaded_step)})

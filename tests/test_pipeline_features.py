@@ -109,8 +109,8 @@ def result(base: Path, run: str) -> dict:
     return json.loads((base / run / "result.json").read_text())
 
 
-def rank_logs(base: Path, run: str) -> list[str]:
-    return [(base / run / f"rank{r}.log").read_text() for r in (0, 1)]
+def rank_logs(base: Path, run: str, log: str = "") -> list[str]:
+    return [(base / run / f"{log}rank{r}.log").read_text() for r in (0, 1)]
 
 
 def metrics(base: Path, run: str) -> dict[int, dict]:
@@ -239,10 +239,12 @@ def test_load_step_excluding_dataloader_and_optimizer_at_pp(base):
 def test_sigterm_to_one_rank_stops_every_stage_after_the_same_step(base):
     state = result(base, "preempt")
     assert state["stopped"] == [worker.PREEMPTED_AT] * 2 and state["resumed_from"] == [worker.PREEMPTED_AT] * 2
-    first0, first1 = (log.split("loaded ")[0] for log in rank_logs(base, "preempt"))  # the preempted run's lines
-    assert "SIGTERM: finishing the current step" in first1 and "SIGTERM" not in first0  # rank 1 alone got it
-    for log in (first0, first1):
+    rank0, rank1 = rank_logs(base, "preempt")
+    assert "SIGTERM: finishing the current step" in rank1 and "SIGTERM" not in rank0  # rank 1 alone got it
+    for log in (rank0, rank1):
         assert f"preempted at step {worker.PREEMPTED_AT}: checkpoint step-{worker.PREEMPTED_AT} committed" in log
+    for log in rank_logs(base, "preempt", "resumed."):
+        assert f"loaded {base / 'preempt' / 'checkpoint' / 'step-3'} (full)" in log
     assert CheckpointFolder(base / "preempt" / "checkpoint").committed_steps() == [3, 5]
 
 
