@@ -169,6 +169,7 @@ def test_auto_resume_falls_back_past_a_damaged_latest_pp_step(base):
         assert f"CORRUPT CHECKPOINT: loading {damaged.parent} failed: rank 1: CorruptCheckpointError: {damaged} " \
                "is corrupt" in log
         assert f"loaded {damaged.parent.parent / 'step-4'} (full)" in log
+        assert "newer steps" not in log  # step 5 is the corrupt one it just skipped, not an earlier run's
     assert metrics(base, "fallback")[5]["loss"] == losses(base / "straight")[5]
     assert_identical(final_state(base, "straight"), final_state(base, "fallback"), "fallback vs straight")
     assert verify_step(damaged.parent).ok  # step 5 was saved again, intact

@@ -51,9 +51,12 @@ class StepLoader:
         self.cfg, self.folder, self.coord = cfg, folder, coord
         self.model_state, self.states, self.flavor = model_state, states, flavor
 
-    def load_step(self, step: int, committed: list[int]) -> int:
-        """Load committed ``step`` of the folder (step 0, a seed, loads weights only); returns it."""
-        newer = [s for s in committed if s > step]
+    def load_step(self, step: int, committed: list[int], skipped: tuple[int, ...] = ()) -> int:
+        """Load committed ``step`` of the folder (step 0, a seed, loads weights only); returns it.
+
+        ``skipped``: newer steps auto-resume already found corrupt (logged as such, not as an earlier run's).
+        """
+        newer = [s for s in committed if s > step and s not in skipped]
         if newer:
             logger.warning("loading step %d while newer steps %s exist from an earlier run; they are "
                            "replaced as training reaches them, until then auto-resume would pick them",
@@ -75,12 +78,13 @@ class StepLoader:
                 every DCP step is corrupt.
         """
         candidates = [s for s in reversed(committed) if not self.folder.is_hf(s)]
-        problems = []
+        problems, corrupt = [], []
         for step in candidates:
             try:
-                return self.load_step(step, committed)
+                return self.load_step(step, committed, tuple(corrupt))
             except CorruptCheckpointError as e:
                 problems.append(f"step-{step}: {e}")
+                corrupt.append(step)
                 if self.cfg.fail_on_corruption:
                     raise CorruptCheckpointError(
                         f"auto-resume: {e}. --checkpoint.fail_on_corruption is set, so savepoint stops instead of "
