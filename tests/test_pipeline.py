@@ -1,5 +1,5 @@
 """Pipeline parallelism on gloo: every schedule against one process, resume, resharding to and from PP,
-``dcp_to_torch`` of a PP step, and the seed workflow of docs/checkpoint.md.
+``dcp_to_torch`` of a PP step, and the seed workflow of the guide (TorchTitan's docs/checkpoint.md).
 
 One module fixture runs every job once: the seed command through ``./run_train.sh``, 1-process jobs
 in this process, the PP 2 x FSDP 2 jobs in one 4-process torchrun launch, the PP(2) jobs in one
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,11 +22,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from savepoint.config.layout import checked_pipeline_plan
 from savepoint.job import parse_args
 from savepoint.train import Trainer
 from tests import dist_worker
 from tests import pp_worker as worker
-from tests.conftest import ROOT, losses
+from tests.conftest import ROOT, losses, make_config
 from tests.test_distributed import assert_identical, flatten, loaded_state, saved_tensors
 from tests.test_format_utils import dcp_to_torch
 
@@ -46,7 +48,7 @@ ONE = [f"resume:{s}>one@{UNTIL}" for s, d in MATRIX if d == "one"]
 # measured differences from one process are below 1e-6.
 TOLERANCE = 1e-5
 
-# docs/checkpoint.md, "Creating Seed Checkpoints", as written there.
+# The guide's "Creating Seed Checkpoints" command (TorchTitan's docs/checkpoint.md), as written there.
 SEED_COMMAND = """NGPU=1 CONFIG_FILE=<path_to_config> ./run_train.sh \\
   --checkpoint.enable \\
   --checkpoint.create_seed_checkpoint \\
@@ -100,7 +102,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(tmp_path_factory, request) -> Iterator[Path]:
+    failed_before = request.session.testsfailed
     base = tmp_path_factory.mktemp("pp")
     shell(SEED_COMMAND, guide_config(base))
     with one_thread():
@@ -111,7 +114,11 @@ def base(tmp_path_factory) -> Path:
     with one_thread():
         for scenario in ONE:
             worker.run_scenario(base, scenario)
-    return base
+    yield base
+    # ~3 GB of checkpoints: removed once every test of the module passed (tmp_path_retention_policy
+    # "failed" does not cover a module's folder); a failed run's stays for inspection.
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -179,6 +186,16 @@ def test_reshard_load_is_bit_identical(base, source, layout):
     got = loaded_state(base, f"{source}_to_{layout}")
     assert_identical(saved, got, f"{source} step 5 loaded at {layout}")
     assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in got)
+
+
+def test_interleaved_runs_two_stages_per_rank_of_another_split(tmp_path):
+    """What resharding 1F1B -> Interleaved1F1B changes: 2 stages (one per rank) become 4 (two per rank)."""
+    single, looped = (checked_pipeline_plan(make_config(tmp_path, *worker.LAYOUTS[layout]), 2, 6)
+                      for layout in ("pp_1f1b", "pp_i1f1b"))
+    assert single.modules_per_stage[0] == ("tok_embeddings", "layers.0", "layers.1", "layers.2")
+    assert [single.stages_of(r) for r in (0, 1)] == [(0,), (1,)]
+    assert looped.num_stages == 4 and [looped.stages_of(r) for r in (0, 1)] == [(0, 2), (1, 3)]
+    assert looped.modules_per_stage[2] == ("layers.3", "layers.4")
 
 
 @pytest.mark.parametrize("source,layout", MATRIX)
