@@ -127,7 +127,11 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}; its error is above "
+        shown = str(getattr(args, "local_ranks_filter", "") or "")
+        hidden = shown and str(failure.local_rank) not in shown.split(",")
+        where = (f"its output is not shown here (LOG_RANK={shown}): rerun with LOG_RANK={shown},{failure.local_rank} "
+                 "to see its error" if hidden else "its error is above")
+        print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}; {where} "
               f"(rerun with SAVEPOINT_DEBUG=1 for a traceback)", file=sys.stderr)
         return code
     return 0

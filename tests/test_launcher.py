@@ -189,3 +189,20 @@ def test_sigterm_while_waiting_for_other_nodes_exits_at_once():
     assert lines == ["savepoint: SIGTERM with no worker running (waiting for the other nodes to join): nothing to "
                      "checkpoint; exiting with status 143"], err
     assert err.strip().splitlines()[-1] == lines[0]
+
+
+def test_a_failed_rank_whose_output_is_hidden_is_named_with_how_to_see_it(tmp_path):
+    """LOG_RANK=0 hides rank 1's output: when rank 1 fails, the last line says how to see its error."""
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n    print('rank 1 went wrong', file=sys.stderr)\n    sys.exit(3)\n"
+                      "time.sleep(60)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "savepoint.launch", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "--local-ranks-filter", "0", "--tee", "3", str(script)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "rank 1 went wrong" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "savepoint: rank 1 failed with exit code 3; its output is not shown here (LOG_RANK=0): rerun with "
+        "LOG_RANK=0,1 to see its error (rerun with SAVEPOINT_DEBUG=1 for a traceback)")
