@@ -235,8 +235,10 @@ def dump_folder_problems(folder: str) -> list[str]:
     path = Path(folder).absolute()
     for part in (path, *path.parents):
         try:
-            is_dir = part.is_dir()
-            exists = is_dir or part.exists()
+            # exists() first: another rank may create the folder meanwhile, which turns a missing
+            # path into a folder; the other order would see it missing, then present: "a file".
+            exists = part.exists()
+            is_dir = exists and part.is_dir()
         except OSError as e:
             return [f"{flag}={folder}: cannot look at {part} ({e.strerror}); choose another folder"]
         if exists and not is_dir:
