@@ -46,6 +46,9 @@ LAYOUTS = {
     **dist_worker.LAYOUTS,
     **{f"pp_{short}": pp_layout(name) for short, name in SCHEDULES.items()},  # 2 processes, 4 microbatches
     "pp_fsdp": pp_layout("1F1B", local_batch=2, shard=2),  # 4 processes: PP 2 x FSDP 2, 2 microbatches
+    # 4 processes: PP 2 x TP 2 (4 microbatches) and PP 2 x HSDP 2x1 (2 microbatches)
+    "pp_tp": [*pp_layout("1F1B"), "--parallelism.tensor_parallel_degree", "2"],
+    "pp_hsdp": [*pp_layout("Interleaved1F1B", local_batch=2), "--parallelism.data_parallel_replicate_degree", "2"],
 }
 
 
@@ -96,9 +99,11 @@ def straight(base: Path, layout: str) -> None:
 
 
 def short(base: Path, layout: str, steps: int) -> None:
-    """The first ``steps`` of the 10-step run at ``layout`` (no save falls in them)."""
+    """The first ``steps`` of the 10-step run at ``layout`` (no save falls in them); records the init."""
     out = base / layout
     trainer = Trainer(make_config(out, *LAYOUTS[layout], *STEPS))
+    out.mkdir(parents=True, exist_ok=True)
+    save(gathered(trainer, optimizer=False)["model"], out / "init.pt")
     trainer.train(stop_after=steps)
 
 
