@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from savepoint.config.layout import checked_pipeline_plan
 from savepoint.job import parse_args
@@ -174,6 +175,23 @@ def test_pp_step_has_the_one_process_keys_and_a_file_per_rank(base):
     pp_keys = FileSystemReader(str(step5)).read_metadata().state_dict_metadata.keys()
     one_keys = FileSystemReader(str(base / "one" / "checkpoint" / "step-5")).read_metadata().state_dict_metadata
     assert pp_keys == one_keys.keys()
+    # Each stage writes only what it holds, nothing twice: every tensor's bytes are in one file,
+    # the first stage's in rank 0's, the last stage's in rank 1's, and as many bytes as at 1 process.
+    tensors = [k for k, v in one_keys.items() if isinstance(v, TensorStorageMetadata)]
+    pp_storage = FileSystemReader(str(step5)).read_metadata().storage_data
+    one_storage = FileSystemReader(str(base / "one" / "checkpoint" / "step-5")).read_metadata().storage_data
+    files: dict[str, set[str]] = {}
+    for index, info in pp_storage.items():
+        files.setdefault(index.fqn, set()).add(info.relative_path)
+    assert all(len(files[k]) == 1 for k in tensors), {k: files[k] for k in tensors if len(files[k]) != 1}
+    assert files["tok_embeddings.weight"] == files["layers.2.attention.wq.weight"] == {"__0_0.distcp"}
+    assert files["layers.3.attention.wq.weight"] == files["output.weight"] == {"__1_0.distcp"}
+    assert files["optimizer.state.output.weight.exp_avg"] == {"__1_0.distcp"}
+
+    def tensor_bytes(storage) -> int:
+        return sum(info.length for index, info in storage.items() if index.fqn in tensors)
+
+    assert tensor_bytes(pp_storage) == tensor_bytes(one_storage)
 
 
 # ------------------------------------------------------------------------------ resume, reshard
