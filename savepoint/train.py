@@ -7,7 +7,6 @@ finished async saves, and writes the preemption checkpoint when some rank got SI
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -15,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 
 import torch
@@ -38,14 +36,14 @@ from savepoint.config.layout import checked_pipeline_plan
 from savepoint.config.layout import resolve_degrees as resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
-from savepoint.errors import CheckpointError, ConfigError, SavepointError
+from savepoint.errors import SavepointError
 from savepoint.hf.llama3 import Llama3HFAdapter
+from savepoint.metrics import MetricsLog
 from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer, build_model
 from savepoint.models.llama3.model import initialize
 from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
 from savepoint.pipelining import ModelParts, Pipeline, pp_grad_norm
-from savepoint.safe_io import open_append_regular
 
 logger = logging.getLogger(__name__)
 
@@ -68,60 +66,6 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float,
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss: logits ``[bs, seq_len, vocab_size]``, labels ``[bs, seq_len]``."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
-class MetricsLog:
-    """Loss and friends, on the log and appended as JSON lines to ``<dump_folder>/metrics.jsonl``.
-
-    The file is a regular file of its own: a symlink (or FIFO, device, folder) there is refused at
-    start-up rather than written through. Once training runs, the log matters less than the
-    checkpoints: a failed write (a full disk, the file replaced by a symlink) warns once and
-    training goes on; later records are tried again.
-    """
-
-    def __init__(self, dump_folder: str, log_freq: int):
-        self.path = Path(dump_folder) / "metrics.jsonl"
-        self.log_freq = log_freq
-        self.writes_file = not dist.is_initialized() or dist.get_rank() == 0  # values are global: one writer
-        self.warned = False
-        self.missing = 0  # records not written since the last successful write
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError([f"--job.dump_folder={dump_folder}: cannot create {self.path.parent} "
-                               f"({e.strerror or e}); choose a folder you can write to"]) from None
-        if self.writes_file:
-            try:
-                open_append_regular(self.path, "metrics log").close()
-            except OSError as e:
-                self._warn(f"cannot open {self.path} ({e.strerror or e})")
-
-    def maybe_log(self, step: int, last_step: bool, record: dict) -> None:
-        if step % self.log_freq and not last_step:
-            return
-        logger.info("step %5d  loss %.6f  lr %.3e  grad_norm %.4f  %.0f tok/s", step, record["loss"],
-                    record["lr"], record["grad_norm"], record["tokens_per_second"])
-        if self.writes_file:
-            self._append(step, json.dumps({"step": step, **record}) + "\n")
-
-    def _append(self, step: int, line: str) -> None:
-        try:
-            with open_append_regular(self.path, "metrics log") as f:
-                f.write(line.encode("utf-8"))
-        except (OSError, CheckpointError) as e:
-            self._warn(f"step {step}: writing {self.path} failed ({getattr(e, 'strerror', None) or e})")
-            self.missing += 1
-            return
-        if self.missing:
-            logger.info("step %d: %s is writable again; the %d record(s) before this one are missing from it",
-                        step, self.path, self.missing)
-            self.missing = 0
-
-    def _warn(self, what: str) -> None:
-        if not self.warned:
-            logger.warning("%s; training goes on and the metrics stay on this log (warned once; later records "
-                           "are tried again)", what)
-            self.warned = True
 
 
 class NonFiniteLoss(SavepointError):
