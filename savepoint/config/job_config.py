@@ -20,6 +20,9 @@ class Job:
     description: str = "savepoint training job"
     """Free-text description of the job, logged at start."""
 
+    print_config: bool = False
+    """Log the resolved config (as TOML) when the job starts."""
+
 
 @dataclass
 class Model:
@@ -32,14 +35,24 @@ class Model:
     hf_assets_path: str | None = None
     """Folder with Hugging Face assets (config.json, tokenizer files, safetensors index)."""
 
+    tokenizer_path: str | None = None
+    """TorchTitan's older spelling of the tokenizer folder; use --model.hf_assets_path."""
+
 
 @dataclass
 class Training:
     dataset: str = "pydocs"
     """Dataset name. 'pydocs' is the offline corpus shipped in savepoint/data/assets."""
 
+    dataset_path: str | None = None
+    """Where the dataset's files are (a file or folder); None: the dataset savepoint ships under that name."""
+
     local_batch_size: int = 8
     """Samples per data-parallel rank per step."""
+
+    global_batch_size: int = -1
+    """Samples per optimizer step over all data-parallel ranks; -1: local_batch_size x the data-parallel degree.
+    A multiple of that product accumulates gradients over global / (local x dp) micro-steps."""
 
     seq_len: int = 2048
     """Tokens per sample; at most the flavor's context (debugmodel 2048, 8B/70B/405B 131072)."""
@@ -225,6 +238,43 @@ class Metrics:
     log_freq: int = 10
     """Log the loss every this many steps (and at the last step)."""
 
+    enable_tensorboard: bool = False
+    """Write TensorBoard event files (loss, lr, grad norm, tokens/s, saves) under <dump_folder>/<save_tb_folder>."""
+
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, inside --job.dump_folder."""
+
+    save_for_all_ranks: bool = False
+    """Every rank writes its own TensorBoard folder (default: rank 0 only)."""
+
+    disable_color_printing: bool = False
+    """Plain log lines, without terminal colors."""
+
+    enable_wandb: bool = False
+    """Log to Weights & Biases in offline mode (needs the wandb package)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "selective"
+    """Activation checkpointing: 'none', 'full' (recompute every block in backward) or 'selective'."""
+
+    selective_ac_option: str = "2"
+    """With mode 'selective': an integer N (checkpoint every N-th block) or 'op' (save matmul outputs, recompute
+    the rest)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block."""
+
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    """What to compile: 'model', 'loss'."""
+
+    backend: str = "inductor"
+    """torch.compile backend."""
+
 
 @dataclass
 class JobConfig:
@@ -237,3 +287,5 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     comm: Comm = field(default_factory=Comm)
     metrics: Metrics = field(default_factory=Metrics)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
