@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -31,18 +32,20 @@ from savepoint.checkpoint.states import (
     OptimizerState,
     TrainState,
 )
-from savepoint.config import JobConfig, config_to_dict
+from savepoint.config import JobConfig, config_to_dict, config_to_toml
 from savepoint.config.layout import checked_pipeline_plan
 from savepoint.config.layout import resolve_degrees as resolve_parallel_dims
 from savepoint.data.dataset import build_dataloader
 from savepoint.distributed import build_mesh, dp_rank, init_distributed, world_size
-from savepoint.errors import SavepointError
+from savepoint.errors import ConfigError, SavepointError
 from savepoint.hf.llama3 import Llama3HFAdapter
 from savepoint.metrics import MetricsLog
 from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer, build_model
+from savepoint.models.llama3.activation_checkpoint import check_ac_options
 from savepoint.models.llama3.model import initialize
-from savepoint.models.llama3.parallelize import column_sharded, mixed_precision, parallelize_llama
+from savepoint.models.llama3.parallelize import BlockOptions, column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
+from savepoint.parallel_dims import ParallelDims
 from savepoint.pipelining import ModelParts, Pipeline, pp_grad_norm
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,54 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float,
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss: logits ``[bs, seq_len, vocab_size]``, labels ``[bs, seq_len]``."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def micro_steps(cfg: JobConfig, dims: ParallelDims) -> int:
+    """Micro-steps per optimizer step: ``global_batch_size / (local_batch_size x dp)`` (1 for -1).
+
+    Raises:
+        ConfigError: the global batch is not a positive multiple of local x dp, or needs gradient
+            accumulation under pipeline parallelism.
+    """
+    t = cfg.training
+    per_micro = t.local_batch_size * dims.dp
+    if t.global_batch_size == -1:
+        return 1
+    if t.global_batch_size < 1 or t.global_batch_size % per_micro:
+        raise ConfigError([
+            f"training.global_batch_size is {t.global_batch_size}, not a multiple of training.local_batch_size "
+            f"{t.local_batch_size} x data-parallel degree {dims.dp} = {per_micro}; set it to a multiple of "
+            f"{per_micro}, or to -1 (= {per_micro})"])
+    if dims.pp > 1 and t.global_batch_size != per_micro:
+        raise ConfigError([
+            f"training.global_batch_size {t.global_batch_size} != local_batch_size x data-parallel degree "
+            f"({per_micro}): gradient accumulation is not supported yet with pipeline parallelism; raise "
+            "local_batch_size and use pipeline_parallel_microbatch_size"])
+    return t.global_batch_size // per_micro
+
+
+def block_options(cfg: JobConfig, device: torch.device) -> BlockOptions:
+    """Activation checkpointing and compile of the blocks, checked against what this machine can run.
+
+    Raises:
+        ConfigError: an unknown mode, option or component, or inductor on a CPU without a C++ compiler.
+    """
+    ac, comp = cfg.activation_checkpoint, cfg.compile
+    problems = [p for p in [check_ac_options(ac.mode, ac.selective_ac_option)] if p]
+    unknown = sorted(set(comp.components) - {"model", "loss"})
+    if unknown:
+        problems.append(f"compile.components has {', '.join(map(repr, unknown))}; use 'model' and/or 'loss'")
+    if comp.enable and comp.backend == "inductor" and device.type == "cpu":
+        compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+        if not any(shutil.which(c) for c in compilers):
+            problems.append("compile.enable: torch.compile's inductor backend needs a C++ compiler on CPU and "
+                            f"none of {', '.join(compilers)} is on PATH; install g++ (or set CXX), or turn "
+                            "compile off")
+    if problems:
+        raise ConfigError(problems)
+    compile_model = comp.enable and "model" in comp.components
+    return BlockOptions(ac_mode=ac.mode, ac_option=ac.selective_ac_option,
+                        compile_backend=comp.backend if compile_model else None)
 
 
 class NonFiniteLoss(SavepointError):
@@ -143,18 +194,27 @@ class Trainer:
             self.device = torch.device("cpu")  # the seed's weights come from a CPU init, like every init here
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
+        self.micro_steps = micro_steps(cfg, self.dims)
+        blocks = block_options(cfg, self.device)
+        if cfg.job.print_config and (not dist.is_initialized() or dist.get_rank() == 0):
+            logger.info("resolved config:\n%s", config_to_toml(cfg))
         self.mesh = build_mesh(self.dims, self.device)
         t = cfg.training
         mp_policy = mixed_precision(t.mixed_precision_param, t.mixed_precision_reduce, self.device)
         model_args = LLAMA3_FLAVORS[cfg.model.flavor].with_max_seq_len(t.seq_len)
-        parallelize = (lambda m: parallelize_llama(m, self.mesh, self.dims, mp_policy)) if self.mesh else None
+        self.loss_fn = cross_entropy
+        if cfg.compile.enable and "loss" in cfg.compile.components:
+            self.loss_fn = torch.compile(cross_entropy, backend=cfg.compile.backend)
+
+        def parallelize(m: torch.nn.Module) -> None:
+            parallelize_llama(m, self.mesh, self.dims, mp_policy, blocks)  # type: ignore[arg-type]
         self.pipeline: Pipeline | None = None
         if self.dims.pp > 1:
             assert self.mesh is not None
             with torch.device("meta"):
                 whole = Transformer(model_args)
             plan = checked_pipeline_plan(cfg, self.dims.pp, model_args.n_layers)
-            self.pipeline = Pipeline(plan, whole, self.mesh["pp"], self.device, parallelize, cross_entropy)
+            self.pipeline = Pipeline(plan, whole, self.mesh["pp"], self.device, parallelize, self.loss_fn)
             self.model = ModelParts(self.pipeline.parts, [name for name, _ in whole.named_children()])
             initialize(self.model, t.seed, self.device, args=model_args)  # the weights of a 1-process init
         else:
@@ -201,21 +261,25 @@ class Trainer:
                     self.checkpointer.folder.step_dir(0))
 
     def train_step(self) -> dict:
-        """Forward, backward and optimizer step on the next batch; returns the step's metrics.
+        """Forward and backward on the next global batch (``micro_steps`` of them), then the optimizer
+        step; returns the step's metrics.
+
+        Each micro-step reads the next ``local_batch_size x dp`` samples of the global stream, so the
+        samples of an optimizer step are the same at every split into ranks and micro-steps, and a
+        checkpoint (taken between optimizer steps) holds one position whatever the split.
 
         Raises:
             NonFiniteLoss: the loss or gradient norm is not finite (checked on every rank alike,
                 before the optimizer step, so the weights stay those of the step before).
         """
         first = self.dataloader.sample_index  # global sample stream position of this step's batch
-        inputs, labels = (t.to(self.device) for t in self.dataloader.next_batch())
         if self.pipeline is not None:  # the loss exists on the last stage only
+            inputs, labels = (t.to(self.device) for t in self.dataloader.next_batch())
             global_loss = self.pipeline.global_loss(self.pipeline.step(inputs, labels), self.dims.world_size)
             pp_group = self.pipeline.group
+            self.train_state.ntokens_seen += inputs.numel() * self.dims.dp
         else:
-            loss = cross_entropy(self.model(inputs), labels)
-            loss.backward()
-            global_loss, pp_group = self._global_mean(loss.detach()), None
+            global_loss, pp_group = self._global_mean(self._accumulate()), None
         grad_norm = clip_grad_norm_(self.params, self.cfg.training.max_norm, pp_group)
         norm = grad_norm.item()  # like the loss, the same on every rank
         if not (math.isfinite(global_loss) and math.isfinite(norm)):
@@ -225,9 +289,23 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.train_state.ntokens_seen += inputs.numel() * self.dims.dp  # global: the same at every layout
         return {"loss": global_loss, "lr": float(lr), "grad_norm": norm,
-                "samples": [first, first + self.dataloader.local_batch_size * self.dims.dp]}
+                "samples": [first, self.dataloader.sample_index]}
+
+    def _accumulate(self) -> torch.Tensor:
+        """Forward and backward of each micro-step; returns this rank's mean loss over them.
+
+        Each micro-step's mean loss is divided by the number of micro-steps, so the summed gradient is
+        that of the mean over every sample of the step, as one batch of ``global / dp`` samples gives.
+        """
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.micro_steps):
+            inputs, labels = (t.to(self.device) for t in self.dataloader.next_batch())
+            loss = self.loss_fn(self.model(inputs), labels) / self.micro_steps
+            loss.backward()
+            total += loss.detach()
+            self.train_state.ntokens_seen += inputs.numel() * self.dims.dp  # global: the same at every layout
+        return total
 
     def _non_finite(self, loss: float, grad_norm: float) -> NonFiniteLoss:
         step = self.train_state.step
@@ -274,7 +352,8 @@ class Trainer:
             start = time.perf_counter()
             record = self.train_step()
             elapsed = time.perf_counter() - start
-            record["tokens_per_second"] = self.dataloader.local_batch_size * self.cfg.training.seq_len / elapsed
+            record["tokens_per_second"] = (self.dataloader.local_batch_size * self.micro_steps
+                                          * self.cfg.training.seq_len / elapsed)
             self.metrics.maybe_log(step, step == steps, record)
             # Saves if due, commits a finished async save, and stops (after a preemption save) on SIGTERM.
             stop = self.checkpointer.step_done(step, preemption.requested_at, last_step=step == steps,

@@ -1,12 +1,16 @@
-"""The parallelize plan for Llama 3: tensor parallelism (with sequence parallelism), then FSDP2 / HSDP.
+"""The parallelize plan for Llama 3: tensor parallelism (with sequence parallelism), activation
+checkpointing, ``torch.compile`` of each block, then FSDP2 / HSDP.
 
-Applied to the model on the meta device, before it is materialised, in TorchTitan's order: TP
-first, then ``fully_shard`` over the data-parallel mesh, so that FSDP shards the TP shards.
+Applied to the model (or a pipeline stage) on the meta device, before it is materialised, in
+TorchTitan's order: TP first, then activation checkpointing and compile per block, then
+``fully_shard`` over the data-parallel mesh, so that FSDP shards the TP shards and gathers a
+checkpointed block's weights again for its recomputation. None of these steps renames a parameter.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -20,6 +24,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from savepoint.models.llama3.activation_checkpoint import apply_ac
 from savepoint.models.llama3.model import Transformer
 from savepoint.parallel_dims import ParallelDims
 
@@ -38,15 +43,46 @@ def column_sharded(key: str) -> bool:
     return any(name in key for name in COLUMN_SHARDED)
 
 
-def parallelize_llama(model: Transformer, mesh: DeviceMesh, dims: ParallelDims,
-                      mp_policy: MixedPrecisionPolicy | None = None) -> None:
-    """Shard ``model`` in place as ``dims`` says, on the mesh built by ``savepoint.distributed.build_mesh``."""
+@dataclass(frozen=True)
+class BlockOptions:
+    """What happens to each transformer block between TP and FSDP: activation checkpointing and compile."""
+
+    ac_mode: str = "none"  # none, full, selective (see activation_checkpoint)
+    ac_option: str = "2"  # with selective: every N-th block, or "op"
+    compile_backend: str | None = None  # torch.compile backend for each block; None: eager
+
+
+def parallelize_llama(model: Transformer, mesh: DeviceMesh | None, dims: ParallelDims,
+                      mp_policy: MixedPrecisionPolicy | None = None, blocks: BlockOptions | None = None) -> None:
+    """Shard ``model`` in place as ``dims`` says, on the mesh built by ``savepoint.distributed.build_mesh``
+    (None for one process), checkpointing and compiling its blocks as ``blocks`` says."""
     if dims.tp > 1:
+        assert mesh is not None
         apply_tp(model, mesh["tp"])
+    blocks = blocks or BlockOptions()
+    chosen = apply_ac(model, blocks.ac_mode, blocks.ac_option)
+    if chosen:
+        logger.info("activation checkpointing (%s): blocks %s", blocks.ac_mode, ", ".join(
+            f"{i} ({kind})" for i, kind in chosen.items()))
+    if blocks.compile_backend is not None:
+        apply_compile(model, blocks.compile_backend)
     if dims.fsdp:
+        assert mesh is not None
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy())
-    logger.info("parallelized %s", dims.describe())
+    if mesh is not None:
+        logger.info("parallelized %s", dims.describe())
+
+
+def apply_compile(model: Transformer, backend: str) -> None:
+    """``torch.compile`` each block in place (``Module.compile``: the same module, the same names).
+
+    The blocks share one structure, so they share the compiled code; compilation starts at the first call.
+    """
+    layers = getattr(model, "layers", None)
+    for block in (layers.values() if layers is not None else ()):
+        block.compile(backend=backend, fullgraph=True)
+    logger.info("compiling each transformer block with torch.compile (backend %s)", backend)
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -108,4 +144,5 @@ def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -
     return MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=dtypes[reduce_dtype])
 
 
-__all__ = ["apply_fsdp", "apply_tp", "column_sharded", "mixed_precision", "parallelize_llama"]
+__all__ = ["BlockOptions", "apply_compile", "apply_fsdp", "apply_tp", "column_sharded", "mixed_precision",
+           "parallelize_llama"]
