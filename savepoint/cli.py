@@ -21,6 +21,7 @@ COMMAND_HELP = {
     "inspect": ("FOLDER|STEP_DIR", "list committed steps and what they hold"),
     "verify": ("FOLDER|STEP_DIR", "check every file against the checksums saved with it"),
     "convert": ("from_hf|to_hf|to_torchtune ...", "convert between DCP, Hugging Face and torchtune"),
+    "plot": ("DUMP_FOLDER [-o OUT.png]", "plot loss and lr against step, marking saves and resumes"),
 }
 
 USAGE = "usage: savepoint COMMAND [ARGS]\n\n" + "\n".join(
@@ -43,17 +44,47 @@ CONVERSIONS = ("from_hf", "to_hf", "to_torchtune")
 HELP_FLAGS = ("-h", "--help")
 
 
+LEVEL_COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m",
+                "CRITICAL": "\033[1;31m"}
+
+
+class LogFormatter(logging.Formatter):
+    """``[rankN] time LEVEL name: message``; the level name in color when ``color`` is set (a terminal)."""
+
+    def __init__(self, rank: str, color: bool):
+        super().__init__(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.color = color
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        if not self.color or record.levelname not in LEVEL_COLORS:
+            return super().formatMessage(record)
+        plain = record.levelname
+        record.levelname = f"{LEVEL_COLORS[plain]}{plain}\033[0m"
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.levelname = plain
+
+
+def set_color(enabled: bool) -> None:
+    """Color the level names of savepoint's log lines if ``enabled`` and stdout is a terminal (never otherwise)."""
+    for handler in logging.getLogger("savepoint").handlers:
+        if getattr(handler, "savepoint_cli", False) and isinstance(handler.formatter, LogFormatter):
+            isatty = getattr(handler.stream, "isatty", None)
+            handler.formatter.color = enabled and bool(isatty and isatty())
+
+
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           datefmt="%H:%M:%S"))
+    handler.setFormatter(LogFormatter(rank, color=False))
     root = logging.getLogger("savepoint")
     for old in [h for h in root.handlers if getattr(h, "savepoint_cli", False)]:
         root.removeHandler(old)  # main() called again in one process (tests, tools): one handler, current stdout
     handler.savepoint_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("SAVEPOINT_DEBUG") else logging.INFO)
+    set_color(True)  # on a terminal; a job's --metrics.disable_color_printing turns it off
 
 
 def _parse_config(argv: list[str], prog: str):
@@ -80,6 +111,7 @@ def _one_path(argv: list[str], command: str) -> str | None:
 
 def cmd_train(argv: list[str]) -> None:
     cfg = _parse_config(argv, "savepoint train")
+    set_color(not cfg.metrics.disable_color_printing)
     from savepoint.train import run
 
     run(cfg)
@@ -157,8 +189,14 @@ def cmd_convert(argv: list[str]) -> None:
     run(argv)
 
 
+def cmd_plot(argv: list[str]) -> None:
+    from savepoint.plot import main as plot
+
+    plot(argv)
+
+
 COMMANDS = {"train": cmd_train, "check": cmd_check, "inspect": cmd_inspect, "verify": cmd_verify,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "plot": cmd_plot}
 
 
 def _unknown(what: str, given: str, known: tuple[str, ...] | list[str], help_command: str) -> str:
