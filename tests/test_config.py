@@ -304,19 +304,31 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 # --- help and export -------------------------------------------------------------------------
 
 
+def _sections(cls: type, path: str):
+    """(dotted section, dataclass) for every section and nested section of ``cls``."""
+    for f in dataclasses.fields(cls):
+        sub = type(getattr(cls(), f.name))
+        if dataclasses.is_dataclass(sub):
+            yield f"{path}{f.name}", sub
+            yield from _sections(sub, f"{path}{f.name}.")
+
+
 def test_help_mentions_every_field_with_its_doc() -> None:
     text = help_text()
     assert "CONFIG_FILE" in text and "--job.config_file" in text
     docs = field_docs()
-    for section in dataclasses.fields(JobConfig):
-        cls = type(getattr(JobConfig(), section.name))
-        assert f"[{section.name}]" in text
-        for f in dataclasses.fields(cls):
+    for section, cls in _sections(JobConfig, ""):
+        keys = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(type(getattr(cls(), f.name)))]
+        if keys:
+            assert f"\n[{section}]\n" in text
+        for f in keys:
             doc = docs[(cls.__name__, f.name)]
             assert doc and doc.replace("\n", "\n      ") in text, f.name  # continuation lines indented
-            assert f"--{section.name}.{f.name}" in text
+            assert f"--{section}.{f.name}" in text
     assert "--checkpoint.enable / --checkpoint.no_enable" in text
     assert "--checkpoint.interval INT (default: 500)" in text
+    assert "--quantize.linear.float8.filter_fqns A,B,... (default: empty)" in text
+    assert "[training.dataloader]\n  How batches are loaded" in text
 
 
 def test_config_to_dict_is_json_ready() -> None:

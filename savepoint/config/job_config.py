@@ -7,6 +7,18 @@ Defaults follow TorchTitan where TorchTitan has the option.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from savepoint.config.sections import (
+    DataLoader,
+    Debug,
+    Experimental,
+    FaultTolerance,
+    MemoryEstimation,
+    Profiling,
+    Quantize,
+    Validation,
+)
 
 
 @dataclass
@@ -23,6 +35,12 @@ class Job:
     print_config: bool = False
     """Log the resolved config (as TOML) when the job starts."""
 
+    save_config_file: str | None = None
+    """Also write the resolved config to this file in --job.dump_folder (not supported yet)."""
+
+    custom_config_module: str = ""
+    """A module extending the config with more sections (not supported yet)."""
+
 
 @dataclass
 class Model:
@@ -37,6 +55,12 @@ class Model:
 
     tokenizer_path: str | None = None
     """TorchTitan's older spelling of the tokenizer folder; use --model.hf_assets_path."""
+
+    converters: list[str] = field(default_factory=list)
+    """Model converters applied before training, such as float8 or mx (torchao; not supported yet)."""
+
+    print_after_conversion: bool = False
+    """Print the model after its converters ran (not supported yet)."""
 
 
 @dataclass
@@ -64,16 +88,34 @@ class Training:
     """Number of training steps; the job ends after this step."""
 
     seed: int = 0
-    """Seed for weight init and data order, 0 to 2**32 - 1. Same seed, same run."""
+    """Seed for weight init and data order, 0 to 2**32 - 1. Same seed, same run. Also spelt [debug] seed
+    (TorchTitan's name)."""
 
     deterministic: bool = False
-    """Use deterministic torch algorithms (slower on GPU; CPU is deterministic already)."""
+    """Use deterministic torch algorithms (slower on GPU; CPU is deterministic already). Also spelt [debug]
+    deterministic."""
 
     mixed_precision_param: str = "bfloat16"
     """FSDP compute dtype of parameters on GPU: bfloat16 or float32 (CPU always computes in float32)."""
 
     mixed_precision_reduce: str = "float32"
     """FSDP gradient reduction dtype on GPU: float32 or bfloat16."""
+
+    enable_cpu_offload: bool = False
+    """FSDP offloads parameters, gradients and optimizer state to CPU (not supported yet)."""
+
+    dtype: Literal["bfloat16", "float32"] = "float32"
+    """Dtype of parameters, gradients and optimizer state: float32 (bfloat16 training is not supported yet)."""
+
+    gc_freq: int = 50
+    """Steps between Python garbage collections in TorchTitan; savepoint leaves Python's collector as it is, so
+    any value is accepted and has no effect."""
+
+    gc_debug: bool = False
+    """Collect garbage every step to find reference cycles (not supported yet)."""
+
+    dataloader: DataLoader = field(default_factory=DataLoader)
+    """How batches are loaded ([training.dataloader])."""
 
 
 @dataclass
@@ -99,11 +141,17 @@ class Optimizer:
     implementation: str = "foreach"
     """AdamW kernel: 'for-loop', 'foreach' or 'fused'."""
 
+    early_step_in_backward: bool = False
+    """Step the optimizer inside backward (not supported yet)."""
+
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = 200
     """Steps of linear warmup from near zero to the peak learning rate."""
+
+    total_steps: int | None = None
+    """Steps the schedule spans; none: --training.steps (other values are not supported yet)."""
 
     decay_ratio: float | None = None
     """Share of the steps spent decaying at the end; unset means decay through all steps after warmup."""
@@ -135,6 +183,9 @@ class Checkpoint:
     initial_load_in_hf: bool = False
     """The initial load is a Hugging Face safetensors folder (needs --checkpoint.initial_load_model_only)."""
 
+    initial_load_in_hf_quantized: bool = False
+    """The Hugging Face initial load holds quantized weights to dequantize (not supported yet)."""
+
     last_save_model_only: bool = True
     """The final save holds only the model weights, cast to --checkpoint.export_dtype."""
 
@@ -159,6 +210,9 @@ class Checkpoint:
     enable_first_step_checkpoint: bool = False
     """Also save right after step 1, to check early that saving works."""
 
+    enable_ft_dataloader_checkpoints: bool = True
+    """TorchFT saves the data position; read only with --fault_tolerance.enable (savepoint always saves it)."""
+
     create_seed_checkpoint: bool = False
     """Write a model-only step-0 from a single-process CPU init, then exit."""
 
@@ -180,11 +234,20 @@ class Parallelism:
     data_parallel_replicate_degree: int = 1
     """Replicated data-parallel degree (HSDP outer dimension)."""
 
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """When FSDP frees gathered parameters after forward: 'default' (other policies are not supported yet)."""
+
     data_parallel_shard_degree: int = -1
     """Sharded data-parallel degree (FSDP); -1 fills what the other degrees leave."""
 
     tensor_parallel_degree: int = 1
     """Tensor-parallel degree."""
+
+    disable_loss_parallel: bool = False
+    """Turn off the loss computed on sharded logits under tensor parallelism (not supported yet)."""
+
+    enable_async_tensor_parallel: bool = False
+    """Overlap tensor-parallel communication with compute (needs torch.compile; not supported yet)."""
 
     pipeline_parallel_degree: int = 1
     """Pipeline-parallel degree: how many ranks the layers are split over (looped schedules give each several
@@ -220,8 +283,24 @@ class Parallelism:
     context_parallel_degree: int = 1
     """Context-parallel degree."""
 
+    context_parallel_load_balancer: str | None = "headtail"
+    """Context-parallel load balancer (headtail, ptrr or none; not empty); read only with context parallelism."""
+
+    context_parallel_rotate_method: Literal["allgather", "alltoall"] = "allgather"
+    """How context parallelism exchanges key/value shards; read only with context parallelism."""
+
     expert_parallel_degree: int = 1
     """Expert-parallel degree."""
+
+    expert_tensor_parallel_degree: int = 1
+    """Tensor-parallel degree of MoE experts (llama3 has none; values above 1 are not supported)."""
+
+    expert_parallel_comm_backend: Literal["standard", "deepep"] = "standard"
+    """Expert-parallel communication; read only with expert parallelism."""
+
+    pipeline_parallel_expert_parallel_overlap: bool = True
+    """Overlap expert- and pipeline-parallel communication (DualPipeV with experts); read only with expert
+    parallelism."""
 
 
 @dataclass
@@ -231,6 +310,23 @@ class Comm:
 
     init_timeout_seconds: int = 300
     """Seconds a collective of the training process group (joining it included) may wait before it fails."""
+
+    train_timeout_seconds: int = 100
+    """A tighter collective timeout after the first step (not supported yet: --comm.init_timeout_seconds applies
+    throughout)."""
+
+    trace_buf_size: int = 20000
+    """Flight recorder ring buffer (entries). savepoint does not set up the flight recorder, so any value is
+    accepted and has no effect."""
+
+    save_traces_folder: str = "comm_traces"
+    """Flight recorder trace folder; no effect (see --comm.trace_buf_size)."""
+
+    save_traces_file_prefix: str = "rank_"
+    """Flight recorder trace file prefix; no effect (see --comm.trace_buf_size)."""
+
+    mode: Literal["default", "fake_backend", "local_tensor"] = "default"
+    """'default': real communication (dry runs with a fake backend or local tensors are not supported yet)."""
 
 
 @dataclass
@@ -256,12 +352,35 @@ class Metrics:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = "selective"
-    """Activation checkpointing: 'none', 'full' (recompute every block in backward) or 'selective'."""
+    mode: Literal["selective", "full", "memory_budget", "none"] = "selective"
+    """Activation checkpointing: 'none', 'full' (recompute every block in backward) or 'selective'
+    ('memory_budget' is not supported yet)."""
 
     selective_ac_option: str = "2"
     """With mode 'selective': an integer N (checkpoint every N-th block) or 'op' (save matmul outputs, recompute
     the rest)."""
+
+    per_op_sac_force_recompute_mm_shapes_by_fqns: list[str] = field(default_factory=lambda: ["moe.router.gate"])
+    """Linear modules whose matmul shapes op-level selective checkpointing always recomputes (not supported yet)."""
+
+    early_stop: bool = False
+    """Stop recomputing once every activation is back (not supported yet)."""
+
+    memory_budget: float = 0.5
+    """Compiler memory budget, 0 to 1; read only with mode 'memory_budget'."""
+
+    visualize_memory_budget_pareto: bool = False
+    """Draw the memory-budget trade-off (not supported yet)."""
+
+    preserve_rng_state: bool = True
+    """Restore the RNG state when recomputing (savepoint's blocks use no randomness; false is not supported
+    yet)."""
+
+    determinism_check: str = "default"
+    """torch.utils.checkpoint's determinism check (not supported yet)."""
+
+    debug: bool = False
+    """torch.utils.checkpoint debug information (not supported yet)."""
 
 
 @dataclass
@@ -289,3 +408,10 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    profiling: Profiling = field(default_factory=Profiling)
+    quantize: Quantize = field(default_factory=Quantize)
+    memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
+    experimental: Experimental = field(default_factory=Experimental)
+    validation: Validation = field(default_factory=Validation)
+    debug: Debug = field(default_factory=Debug)

@@ -8,23 +8,29 @@ unknown sections or keys, wrong types, stray arguments, then semantic checks fro
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
 import logging
 import os
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from savepoint.config import job_config
 from savepoint.config.job_config import JobConfig
+from savepoint.config.options import (
+    METAVARS,
+    TYPE_NAMES,
+    Nested,
+    Option,
+    containers,
+    field_docs,
+    holder,
+    options,
+    section_doc_keys,
+    value_text,
+)
+from savepoint.config.titan import alias_problems
 from savepoint.config.validate import validate
 from savepoint.errors import ConfigError
 from savepoint.safe_io import read_regular
@@ -35,143 +41,70 @@ CONFIG_FILE_ENV = "CONFIG_FILE"
 CONFIG_FILE_LIMIT = 1 << 20  # 1 MiB: a job config is a few KB
 
 
-class _Nested(list):
-    """The base type of ``list[list[str]]`` options (``module_fqns_per_model_part``)."""
+_Override = tuple[Option, Any]
 
 
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list[str]", _Nested: "list[list[str]]"}
-_METAVARS = {int: "INT", float: "FLOAT", str: "STR", list: "A,B,...", _Nested: "A,B;C,D;..."}
+def _close(word: str, choices: list[str], cutoff: float = 0.6) -> str | None:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
+    return match[0] if match else None
 
 
-@dataclass(frozen=True)
-class _Option:
-    """One config field: where it lives, its base type, and whether it may be None."""
+def _hint(section: str, key: str, dash: str) -> str:
+    """'; did you mean ...?' for a misspelt ``section.key``, or "" when nothing known is close.
 
-    section: str
-    name: str
-    base: type
-    optional: bool
-    default: Any
-    owner: str  # dataclass name, the key for the docs table
-
-    @property
-    def flag(self) -> str:
-        return f"--{self.section}.{self.name}"
-
-    @property
-    def negative_flag(self) -> str:
-        return f"--{self.section}.no_{self.name}"
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.section}.{self.name}"
-
-    @property
-    def type_name(self) -> str:
-        return _TYPE_NAMES[self.base] + (" or none" if self.optional else "")
-
-
-_Override = tuple[_Option, Any]
-
-
-def _classify(tp: Any) -> tuple[type, bool]:
-    """Return (base type, optional) for the few annotation shapes job_config uses."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        assert len(inner) == 1, f"unsupported annotation {tp}"
-        return _classify(inner[0])[0], True
-    if origin is list and args == (list[str],):
-        return _Nested, False
-    if origin is list:
-        assert args == (str,), f"unsupported list annotation {tp}"
-        return list, False
-    assert tp in (bool, int, float, str), f"unsupported annotation {tp}"
-    return tp, False
-
-
-@functools.cache
-def _options() -> dict[str, dict[str, _Option]]:
-    """All options, by section then field name, in declaration order."""
-    table: dict[str, dict[str, _Option]] = {}
-    for section in dataclasses.fields(JobConfig):
-        cls = typing.get_type_hints(JobConfig)[section.name]
-        hints = typing.get_type_hints(cls)
-        table[section.name] = {}
-        for f in dataclasses.fields(cls):
-            base, optional = _classify(hints[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            table[section.name][f.name] = _Option(
-                section.name, f.name, base, optional, default, cls.__name__
-            )
-    return table
-
-
-@functools.cache
-def field_docs() -> dict[tuple[str, str], str]:
-    """Attribute docstrings of job_config.py, keyed by (dataclass name, field name)."""
-    docs: dict[tuple[str, str], str] = {}
-    for node in ast.parse(inspect.getsource(job_config)).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for stmt, nxt in zip(node.body, node.body[1:], strict=False):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[(node.name, stmt.target.id)] = inspect.cleandoc(nxt.value.value)
-    return docs
-
-
-def _suggest(section: str, key: str) -> tuple[str, str] | None:
-    """The closest known (section, key) for a misspelt one, or None."""
-    options = _options()
-    for other, opts in options.items():
-        if key in opts:  # right key, wrong section
-            return other, key
-    if section in options:
-        keys = list(options[section])
-        keys += [f"no_{k}" for k, o in options[section].items() if o.base is bool]
-        match = difflib.get_close_matches(key, keys, n=1)
-        if match:
-            return section, match[0]
-    dotted = [f"{s}.{k}" for s, opts in options.items() for k in opts]
-    match = difflib.get_close_matches(f"{section}.{key}", dotted, n=1)
+    Offered: the same key in another section (the one whose name is closest, else all of them), a key
+    close to one of its section's keys, a section whose name is close (with its key if that is close too).
+    """
+    opts = options()
+    others = [s for s, o in opts.items() if key in o and s != section]
+    if section in opts or not section:
+        near = _close(section, others) if section else None
+        if near or len(others) == 1:
+            return f"; did you mean {dash}{near or others[0]}.{key}?"
+        if others:
+            return f"; {key} is a key of " + ", ".join(f"[{s}]" for s in others)
+        if not section:
+            return ""
+        keys = list(opts[section]) + [f"no_{k}" for k, o in opts[section].items() if o.base is bool]
+        match = _close(key, keys)
+        return f"; did you mean {dash}{section}.{match}?" if match else ""
+    if section in containers():
+        return ""
+    near = _close(section, others)
+    if near:
+        return f"; did you mean {dash}{near}.{key}?"
+    close = _close(section, list(opts))
+    if not close:
+        return ""
+    match = _close(key, list(opts[close]), cutoff=0.75)
     if match:
-        sec, _, k = match[0].partition(".")
-        return sec, k
-    return None
+        return f"; did you mean {dash}{close}.{match}?"
+    return f"; did you mean a key of [{close}] (see --help)?" if dash else f"; did you mean [{close}]?"
 
 
-def _hint(match: tuple[str, str] | None, dash: str) -> str:
-    return f"; did you mean {dash}{match[0]}.{match[1]}?" if match else ""
-
-
-def _lookup_flag(name: str) -> tuple[_Option | None, bool, str | None]:
-    """Resolve ``section.key`` to (option, negated, problem); ``no_`` negates a bool."""
+def _lookup_flag(name: str) -> tuple[Option | None, bool, str | None]:
+    """Resolve ``section.key`` (the section may be nested: ``a.b.key``) to (option, negated, problem);
+    ``no_`` negates a bool."""
     typed = f"--{name}"
-    section_raw, dot, key_raw = name.partition(".")
+    section_raw, dot, key_raw = name.rpartition(".")
     section, key = section_raw.replace("-", "_"), key_raw.replace("-", "_")
-    options = _options()
-    if not dot or not key:
-        hint = _hint(_suggest(section, key), "--")
+    opts = options()
+    if not dot or not key or not section:
+        hint = _hint("", key or section, "--")
         return None, False, f"unknown option {typed}: options look like --section.key{hint}"
-    if section not in options:
-        known = difflib.get_close_matches(section, list(options), n=1)
-        match = _suggest(section, key) or ((known[0], key) if known else None)
-        return None, False, f"unknown section '{section_raw}' in {typed}{_hint(match, '--')}"
-    opts = options[section]
-    if key in opts:
-        return opts[key], False, None
-    if key.startswith("no_") and key[3:] in opts and opts[key[3:]].base is bool:
-        return opts[key[3:]], True, None
-    return None, False, f"unknown option {typed}{_hint(_suggest(section, key), '--')}"
+    if section not in opts:
+        if section in containers():
+            inside = ", ".join(f"[{s}]" for s in opts if s.startswith(section + "."))
+            return None, False, f"unknown option {typed}: [{section}] holds only the sections {inside}"
+        return None, False, f"unknown section '{section_raw}' in {typed}{_hint(section, key, '--')}"
+    if key in opts[section]:
+        return opts[section][key], False, None
+    if key.startswith("no_") and key[3:] in opts[section] and opts[section][key[3:]].base is bool:
+        return opts[section][key[3:]], True, None
+    return None, False, f"unknown option {typed}{_hint(section, key, '--')}"
 
 
-def _from_cli(opt: _Option, raw: str, typed: str) -> tuple[Any, str | None]:
+def _from_cli(opt: Option, raw: str, typed: str) -> tuple[Any, str | None]:
     """Convert one command-line token to the option's type: (value, problem)."""
     if opt.optional and raw in ("none", "None"):
         return None, None
@@ -185,7 +118,7 @@ def _from_cli(opt: _Option, raw: str, typed: str) -> tuple[Any, str | None]:
             pass
     elif opt.base is list:
         return [part.strip() for part in raw.split(",") if part.strip()], None
-    elif opt.base is _Nested:  # parts separated by ';', names within a part by ','
+    elif opt.base is Nested:  # parts separated by ';', names within a part by ','
         return [[n.strip() for n in part.split(",") if n.strip()] for part in raw.split(";") if part.strip()], None
     else:
         return raw, None
@@ -237,7 +170,7 @@ def _parse_cli(argv: Sequence[str]) -> tuple[list[_Override], list[str]]:
     return overrides, problems
 
 
-def _from_toml(opt: _Option, value: Any) -> tuple[Any, bool]:
+def _from_toml(opt: Option, value: Any) -> tuple[Any, bool]:
     """Check a TOML value against the option's type: (converted value, ok)."""
     if opt.base is bool:
         return value, isinstance(value, bool)
@@ -247,51 +180,55 @@ def _from_toml(opt: _Option, value: Any) -> tuple[Any, bool]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return (float(value) if ok else value), ok
     if opt.base is list:
+        if opt.str_ok and isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()], True
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return (list(value) if ok else value), ok
-    if opt.base is _Nested:
+    if opt.base is Nested:
         ok = isinstance(value, list) and all(isinstance(p, list) and all(isinstance(v, str) for v in p) for p in value)
         return ([list(p) for p in value] if ok else value), ok
     return value, isinstance(value, str)
 
 
-def _toml_overrides(data: dict[str, Any], path: str) -> tuple[list[_Override], list[str]]:
-    """Typed overrides from a parsed TOML document, plus every problem in it."""
+def _toml_value_override(opt: Option, value: Any, path: str) -> tuple[_Override | None, str | None]:
+    if opt.dotted == "job.config_file":
+        return None, (f"job.config_file in {path}: a config file cannot name another; "
+                      f"pass --job.config_file or set {CONFIG_FILE_ENV} instead")
+    converted, ok = _from_toml(opt, value)
+    if ok:
+        return (opt, converted), None
+    return None, f"{opt.dotted} in {path}: expected {TYPE_NAMES[opt.base]}, got {type(value).__name__} {value!r}"
+
+
+def _toml_overrides(data: dict[str, Any], path: str, section: str = "") -> tuple[list[_Override], list[str]]:
+    """Typed overrides from a parsed TOML document (or, with ``section``, one of its tables), plus every problem.
+
+    A table inside a table is a nested section: ``[training.dataloader]``, ``[quantize.linear.float8]``.
+    """
     overrides: list[_Override] = []
     problems: list[str] = []
-    options = _options()
-    for section, table in data.items():
-        if section not in options:
-            if isinstance(table, dict):
-                known = difflib.get_close_matches(section, list(options), n=1)
-                hint = f"; did you mean [{known[0]}]?" if known else ""
-                problems.append(f"unknown section [{section}] in {path}{hint}")
+    opts = options()
+    for key, value in data.items():
+        child = f"{section}.{key}" if section else key
+        if child in containers():
+            if isinstance(value, dict):
+                more, more_problems = _toml_overrides(value, path, child)
+                overrides += more
+                problems += more_problems
             else:
-                hint = _hint(_suggest("", section), "")
-                problems.append(f"key {section!r} in {path} is outside any [section]{hint}")
-            continue
-        if not isinstance(table, dict):
-            problems.append(f"{section} in {path}: expected a [{section}] table, got {table!r}")
-            continue
-        for key, value in table.items():
-            opt = options[section].get(key)
-            if opt is None:
-                hint = _hint(_suggest(section, key), "")
-                problems.append(f"unknown key {section}.{key} in {path}{hint}")
-            elif opt.dotted == "job.config_file":
-                problems.append(
-                    f"job.config_file in {path}: a config file cannot name another; "
-                    f"pass --job.config_file or set {CONFIG_FILE_ENV} instead"
-                )
-            else:
-                converted, ok = _from_toml(opt, value)
-                if ok:
-                    overrides.append((opt, converted))
-                else:
-                    problems.append(
-                        f"{opt.dotted} in {path}: expected {_TYPE_NAMES[opt.base]}, "
-                        f"got {type(value).__name__} {value!r}"
-                    )
+                problems.append(f"{child} in {path}: expected a [{child}] table, got {value!r}")
+        elif section in opts and key in opts[section]:
+            override, problem = _toml_value_override(opts[section][key], value, path)
+            overrides += [override] if override else []
+            problems += [problem] if problem else []
+        elif isinstance(value, dict):
+            close = _close(child, list(containers()))
+            hint = f"; did you mean [{close}]?" if close else ""
+            problems.append(f"unknown section [{child}] in {path}{hint}")
+        elif not section:
+            problems.append(f"key {key!r} in {path} is outside any [section]{_hint('', key, '')}")
+        else:
+            problems.append(f"unknown key {child} in {path}{_hint(section, key, '')}")
     return overrides, problems
 
 
@@ -329,7 +266,7 @@ def _config_file(cli: list[_Override], environ: Mapping[str, str]) -> tuple[str 
 
 def _apply(cfg: JobConfig, overrides: list[_Override]) -> None:
     for opt, value in overrides:
-        setattr(getattr(cfg, opt.section), opt.name, value)
+        setattr(holder(cfg, opt.section), opt.name, value)
 
 
 Check = Callable[[JobConfig], list[str]]
@@ -352,6 +289,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     path, origin = _config_file(cli, environ)
     cfg = JobConfig()
     problems: list[str] = []
+    from_file: list[_Override] = []
     if path is not None:
         data, problems = _read_toml(path, origin)
         if data is not None:
@@ -362,6 +300,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     _apply(cfg, cli)
     cfg.job.config_file = path
     problems += cli_problems
+    problems += alias_problems(cfg, {opt.dotted for opt, _ in from_file + cli})
     problems += validate(cfg)
     for check in checks:
         problems += check(cfg)
@@ -375,21 +314,8 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in ("-h", "--help") for arg in argv)
 
 
-def _value_text(opt: _Option, value: Any) -> str:
-    """A value as the command line spells it (``a,b`` for a list, ``a,b;c`` for a list of lists)."""
-    if value is None:
-        return "none"
-    if opt.base is list:
-        return ",".join(value) or "empty"
-    if opt.base is _Nested:
-        return ";".join(",".join(part) for part in value) or "empty"
-    if opt.base is str and not value:
-        return '""'
-    return str(value)
-
-
-def _default_text(opt: _Option) -> str:
-    return _value_text(opt, opt.default)
+def _default_text(opt: Option) -> str:
+    return value_text(opt, opt.default)
 
 
 def _effective_values(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[dict[str, Any], str]:
@@ -440,16 +366,19 @@ def help_text(prog: str = "savepoint train", argv: Sequence[str] | None = None,
         values, note = _effective_values(argv, os.environ if environ is None else environ)
         lines += ["", note]
     docs = field_docs()
-    for section, opts in _options().items():
+    section_docs = section_doc_keys()
+    for section, opts in options().items():
         lines += ["", f"[{section}]"]
+        if section in section_docs:
+            lines.append("  " + docs.get(section_docs[section], "").replace("\n", "\n  "))
         for opt in opts.values():
             if opt.base is bool:
                 usage = f"{opt.flag} / {opt.negative_flag}"
             else:
-                usage = f"{opt.flag} {_METAVARS[opt.base]}"
+                usage = f"{opt.flag} {METAVARS[opt.base]}"
             if opt.dotted in values:
                 value, source = values[opt.dotted]
-                usage += f" = {_value_text(opt, value)} (from {source}; default: {_default_text(opt)})"
+                usage += f" = {value_text(opt, value)} (from {source}; default: {_default_text(opt)})"
             else:
                 usage += f" (default: {_default_text(opt)})"
             lines.append(f"  {usage}")
@@ -490,9 +419,9 @@ def config_to_toml(cfg: JobConfig) -> str:
     None values (TOML has no null) and ``job.config_file`` are left out.
     """
     lines = ["# Resolved savepoint config. Re-run with: --job.config_file <this file>"]
-    for section, opts in _options().items():
+    for section, opts in options().items():
         lines += ["", f"[{section}]"]
-        values = getattr(cfg, section)
+        values = holder(cfg, section)
         for name, opt in opts.items():
             value = getattr(values, name)
             if value is None or opt.dotted == "job.config_file":

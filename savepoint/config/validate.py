@@ -10,9 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from savepoint.config.job_config import (
     Checkpoint,
@@ -26,6 +24,8 @@ from savepoint.config.job_config import (
     Training,
 )
 from savepoint.config.layout import seed_checkpoint_problems
+from savepoint.config.problems import MAX_SEED, need, one_of
+from savepoint.config.titan import titan_problems
 from savepoint.dtypes import FLOAT_DTYPES
 from savepoint.pipeline_plan import schedule_problems
 
@@ -35,34 +35,10 @@ LOADABLE_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 STATE_ALIASES = {"data_loader": "dataloader"}
 OPTIMIZER_IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
 DECAY_TYPES = ("linear", "sqrt", "cosine")
-# torch's generators take 64-bit seeds and the data order seeds each epoch with seed * 1_000_003 + epoch;
-# a 32-bit seed leaves room for every epoch (and is what most tools call a seed).
-MAX_SEED = 2**32 - 1
 
 
 def _finite(value: float) -> bool:
     return math.isfinite(value)
-
-
-def need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
-    """One problem if not ok: the flag, its bad value, and what to set instead."""
-    if ok:
-        return []
-    section, _, key = flag[2:].partition(".")
-    return [
-        f"{flag} must be {requirement}, got {value!r}: change {flag} on the command line "
-        f"or {key} under [{section}] in the TOML file"
-    ]
-
-
-def one_of(flag: str, value: str, choices: Sequence[str]) -> list[str]:
-    """One problem if value is not a choice, with the closest choice suggested."""
-    if value in choices:
-        return []
-    lowered = {c.lower(): c for c in choices}
-    match = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
-    hint = f"; did you mean {flag}={lowered[match[0]]}?" if match else ""
-    return [f"{flag}={value!r} is not one of {', '.join(choices)}{hint}"]
 
 
 def _exclude_problems(ckpt: Checkpoint) -> list[str]:
@@ -273,4 +249,5 @@ def validate(cfg: JobConfig) -> list[str]:
         + _metrics_problems(cfg.metrics)
         + _comm_problems(cfg.comm)
         + seed_checkpoint_problems(cfg, world_size=None)
+        + titan_problems(cfg)
     )

@@ -1,0 +1,32 @@
+"""How a config problem is worded: one line naming the flag, its value and what to do instead."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+# torch's generators take 64-bit seeds and the data order seeds each epoch with seed * 1_000_003 + epoch;
+# a 32-bit seed leaves room for every epoch (and is what most tools call a seed).
+MAX_SEED = 2**32 - 1
+
+
+def need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:
+    """One problem if not ok: the flag, its bad value, and what to set instead."""
+    if ok:
+        return []
+    section, _, key = flag[2:].rpartition(".")
+    return [
+        f"{flag} must be {requirement}, got {value!r}: change {flag} on the command line "
+        f"or {key} under [{section}] in the TOML file"
+    ]
+
+
+def one_of(flag: str, value: str, choices: Sequence[str]) -> list[str]:
+    """One problem if value is not a choice, with the closest choice suggested."""
+    if value in choices:
+        return []
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
+    hint = f"; did you mean {flag}={lowered[match[0]]}?" if match else ""
+    return [f"{flag}={value!r} is not one of {', '.join(choices)}{hint}"]
