@@ -216,7 +216,7 @@ CASES: dict[str, Case] = {
                                            "{dump}/checkpoint/step-15 exists but is not committed",
                                            "[5, 10]", "drop the flag"]),
     "different flavor": Case(other_flavor, ["{dump}/checkpoint/step-10", "'tok_embeddings.weight'",
-                                            "[258, 256] in the checkpoint", "[258, 128] in the model",
+                                            "[2048, 256] in the checkpoint", "[2048, 128] in the model",
                                             "saved with --model.flavor debugmodel"]),
     # The final save runs out of disk: that save fails and the run exits 1; steps 5 and 10 stay.
     "disk full": Case(args("--training.steps", "12"),

@@ -221,7 +221,7 @@ def test_hf_final_save_at_two_ranks_loads_in_transformers(base):
     ours = Transformer(LLAMA3_FLAVORS["debugmodel"].with_max_seq_len(32))
     ours.load_state_dict(final)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(step10), local_files_only=True)
-    tokens = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (hf.eval()(tokens).logits - ours.eval()(tokens)).abs().max().item()
     assert diff < 1e-5, diff

@@ -175,7 +175,7 @@ def test_stock_torchtune_loads_a_model_only_step(train, tmp_path):
     kwargs = dict(vocab_size=f.vocab_size, num_layers=f.n_layers, num_heads=f.n_heads, num_kv_heads=f.n_kv_heads,
                   embed_dim=f.dim, max_seq_len=f.max_seq_len, rope_base=f.rope_theta,
                   intermediate_dim=f.ffn_hidden_dim, norm_eps=f.norm_eps, scale_factor=f.rope_scaling_factor)
-    assert kwargs == {"vocab_size": 258, "num_layers": 6, "num_heads": 16, "num_kv_heads": 8, "embed_dim": 256,
+    assert kwargs == {"vocab_size": 2048, "num_layers": 6, "num_heads": 16, "num_kv_heads": 8, "embed_dim": 256,
                       "max_seq_len": 2048, "rope_base": 500000.0, "intermediate_dim": 768, "norm_eps": 1e-05,
                       "scale_factor": 8.0}  # the README's call, spelled out
     assert torchtune_builder(f) == ("llama3_1", kwargs)

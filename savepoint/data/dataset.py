@@ -16,31 +16,124 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from savepoint.data.tokenizer import ByteTokenizer
+from savepoint.data.tokenizer import Tokenizer, build_tokenizer
 from savepoint.errors import SavepointError
 from savepoint.values import check_count
 
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
-DATASETS = {"pydocs": ASSETS / "pydocs.txt"}
-DOC_SEPARATOR = "\n\n\n"
+DATASETS = {"pydocs": ASSETS / "pydocs.txt", "c4_test": ASSETS / "c4_test"}  # shipped, read offline
+DOC_SEPARATOR = "\n\n\n"  # between the documents of pydocs.txt
+# file suffix -> the `datasets` builder that reads it
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+            ".parquet": "parquet"}
 EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with seed s * stride + e
 MAX_SAMPLE_INDEX = 2**63 - 1  # positions are int64 wherever torch or TorchTitan stores them
+PATH_FLAG = "--training.dataset_path"
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((b for suffix, b in BUILDERS.items() if name.endswith(suffix)), None)
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The data files a ``--training.dataset_path`` names: the file, or a folder's files (recursively, sorted)."""
+    if path.is_file():
+        if _builder(path) is None:
+            raise SavepointError(f"{PATH_FLAG}={path}: unknown file type; use .txt, .jsonl/.json (a \"text\" field "
+                                 "per line), .parquet (a \"text\" column), or a folder of them")
+        return [path]
+    if not path.is_dir():
+        raise SavepointError(f"{PATH_FLAG}={path} does not exist; point it at a dataset file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) is not None
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise SavepointError(f"{PATH_FLAG}={path} holds no .txt, .jsonl, .json, .parquet files and is no `datasets` "
+                             "save_to_disk folder; point it at the dataset's files")
+    return files
+
+
+def _texts(dataset: Any, where: str) -> list[str]:
+    """The ``text`` column of a `datasets` Dataset, checked."""
+    if "text" not in dataset.column_names:
+        raise SavepointError(f"{where} has no \"text\" field (it has {dataset.column_names}); each document's text "
+                             "must be in a field named \"text\"")
+    texts = dataset["text"]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise SavepointError(f"{where}: document {bad} has text {texts[bad]!r}, not a string; fix or drop it")
+    return texts
+
+
+def _load_from_disk(path: Path) -> list[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise SavepointError(f"{PATH_FLAG}={path} holds the splits {sorted(loaded)}, no \"train\"; point it at "
+                                 f"one split's folder, e.g. {path / sorted(loaded)[0]}")
+        loaded = loaded["train"]
+    return _texts(loaded, f"{PATH_FLAG}={path}")
+
+
+def read_documents(path: Path) -> list[str]:
+    """The documents of a text/JSONL/Parquet file, a folder of them, or a `datasets` save_to_disk folder.
+
+    A .txt file is one document; a JSONL line's or Parquet row's ``text`` field is one.
+
+    Raises:
+        SavepointError: nothing readable there, or a file without a ``text`` field, or one `datasets` cannot read.
+    """
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _load_from_disk(path)
+    docs: list[str] = []
+    datasets.disable_progress_bars()
+    for file in _data_files(path):
+        builder = _builder(file)
+        options = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            loaded = datasets.load_dataset(builder, data_files=[str(file)], split="train", **options)
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise SavepointError(f"{PATH_FLAG}: {file} cannot be read as {builder} ({first}); fix the file") from None
+        docs.extend(_texts(loaded, f"{PATH_FLAG}: {file}"))
+    return docs
+
+
+def shipped_documents(dataset: str) -> list[str]:
+    """The documents of a dataset savepoint ships (``DATASETS``)."""
+    if dataset not in DATASETS:
+        raise SavepointError(f"unknown dataset {dataset!r}; set --training.dataset to one of {sorted(DATASETS)}, "
+                             f"or {PATH_FLAG} to its files")
+    if dataset == "pydocs":
+        return DATASETS[dataset].read_text(encoding="utf-8").split(DOC_SEPARATOR)
+    return read_documents(DATASETS[dataset])
 
 
 @lru_cache(maxsize=4)
-def load_token_stream(dataset: str) -> torch.Tensor:
-    """Every document of ``dataset`` as BOS + bytes + EOS, concatenated: [n_tokens] int64."""
-    if dataset not in DATASETS:
-        raise SavepointError(
-            f"unknown dataset {dataset!r}; set --training.dataset to one of {sorted(DATASETS)}"
-        )
-    tokenizer = ByteTokenizer()
+def load_tokenizer(tokenizer_path: str | None) -> Tokenizer:
+    return build_tokenizer(tokenizer_path)
+
+
+@lru_cache(maxsize=4)
+def load_token_stream(dataset: str, dataset_path: str | None = None, tokenizer_path: str | None = None) -> torch.Tensor:
+    """Every document as BOS + tokens + EOS, concatenated: [n_tokens] int64.
+
+    Documents come from ``dataset_path`` when set (any ``dataset`` name), else from the shipped
+    ``dataset``; ``tokenizer_path`` is an HF tokenizer folder (None: the byte tokenizer).
+    """
+    docs = shipped_documents(dataset) if dataset_path is None else read_documents(Path(dataset_path))
+    docs = [d.strip() for d in docs if d.strip()]
+    tokenizer = load_tokenizer(tokenizer_path)
+    encode_batch = getattr(tokenizer, "encode_batch", None)
     ids: list[int] = []
-    for doc in DATASETS[dataset].read_text(encoding="utf-8").split(DOC_SEPARATOR):
-        if doc.strip():
-            ids.extend(tokenizer.encode(doc.strip()))
+    for doc_ids in (encode_batch(docs) if encode_batch else map(tokenizer.encode, docs)):
+        ids.extend(doc_ids)
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -129,6 +222,24 @@ class DataLoader(Stateful):
 
 
 def build_dataloader(dataset: str, seq_len: int, local_batch_size: int, seed: int,
-                     dp_rank: int = 0, dp_degree: int = 1) -> DataLoader:
-    stream = SampleStream(load_token_stream(dataset), seq_len, seed)
+                     dp_rank: int = 0, dp_degree: int = 1, *, tokenizer_path: str | None = None,
+                     dataset_path: str | None = None, vocab_size: int | None = None) -> DataLoader:
+    """The loader of one data-parallel rank.
+
+    Args:
+        tokenizer_path: an HF tokenizer folder (``--model.hf_assets_path``); None: the byte tokenizer.
+        dataset_path: the dataset's files (``--training.dataset_path``); None: the shipped ``dataset``.
+        vocab_size: the model's; every token id must be below it.
+
+    Raises:
+        SavepointError: see ``load_token_stream``; or the tokenizer's ids do not fit ``vocab_size``.
+    """
+    tokenizer = load_tokenizer(tokenizer_path)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        which = "the byte tokenizer" if tokenizer_path is None else f"--model.hf_assets_path={tokenizer_path}"
+        raise SavepointError(
+            f"the tokenizer of {which} has {tokenizer.vocab_size} token ids but the "
+            f"model's vocab_size is {vocab_size}; pick a --model.flavor whose vocabulary holds them, or that "
+            "model's own tokenizer folder")
+    stream = SampleStream(load_token_stream(dataset, dataset_path, tokenizer_path), seq_len, seed)
     return DataLoader(stream, local_batch_size, dp_rank, dp_degree)

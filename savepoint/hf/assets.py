@@ -3,7 +3,8 @@
 Only regular files are copied, never through a symlink (except a Hugging Face cache snapshot's
 links into its repo's ``blobs/``): the export is made to be shared, and a link named
 ``tokenizer.json`` could point at ``/etc/shadow``. The assets' ``config.json`` gives the export's
-bos/eos token ids.
+bos/eos token ids, or its tokenizer does; an export with token ids and no ``generation_config.json`` of
+its own gets one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from savepoint.data.tokenizer import HFTokenizer
 from savepoint.durable import fsync_file
-from savepoint.errors import CheckpointError
+from savepoint.errors import CheckpointError, SavepointError
 from savepoint.hf.files import CONFIG_LIMIT, hub_blob, read_json
 from savepoint.safe_io import describe_mode, open_regular
 
@@ -112,18 +114,38 @@ def copy_assets(src: Path, dst: Path, flag: str = "--model.hf_assets_path") -> l
 
 
 def asset_token_ids(src: Path | None, flag: str) -> tuple[Any, Any]:
-    """bos/eos token ids from the assets folder's ``config.json``, when it has one (else None, None).
+    """bos/eos token ids of the assets folder: its ``config.json``'s, else its tokenizer's (else None).
+
+    An id ``config.json`` leaves out comes from the tokenizer (``tokenizer.json`` with the BOS/EOS
+    ``tokenizer_config.json`` names), as training reads it; a tokenizer that cannot be read leaves
+    the id null, with a warning.
 
     Raises:
         CheckpointError: that config.json is not a regular JSON object, or its ids are not integers.
     """
-    if src is None or not os.path.lexists(src / "config.json"):
+    if src is None:
         return None, None
-    config = read_json(src / "config.json", CONFIG_LIMIT, f"model config ({flag})")
-    ids = config.get("bos_token_id"), config.get("eos_token_id")
+    ids: tuple[Any, Any] = (None, None)
+    if os.path.lexists(src / "config.json"):
+        config = read_json(src / "config.json", CONFIG_LIMIT, f"model config ({flag})")
+        ids = config.get("bos_token_id"), config.get("eos_token_id")
     for name, value in zip(("bos_token_id", "eos_token_id"), ids, strict=True):
         values = value if isinstance(value, list) else [value]
         if value is not None and not all(type(v) is int for v in values):
             raise CheckpointError(f"{flag}: {src}/config.json has {name}={value!r}; it must be a token id (an "
                                   "integer) or a list of them. Fix the file or point the flag at another folder")
+    if None in ids and os.path.lexists(src / "tokenizer.json"):
+        try:
+            tokenizer = HFTokenizer(src, flag)
+        except SavepointError as e:
+            logger.warning("the Hugging Face export's config.json gets no bos/eos token ids from the tokenizer: %s", e)
+            return ids
+        ids = (tokenizer.bos_id if ids[0] is None else ids[0], tokenizer.eos_id if ids[1] is None else ids[1])
     return ids
+
+
+def generation_config(bos_token_id: Any, eos_token_id: Any) -> dict[str, Any] | None:
+    """The ``generation_config.json`` an export without one gets (None without token ids)."""
+    if bos_token_id is None and eos_token_id is None:
+        return None
+    return {"_from_model_config": True, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from savepoint.durable import HF_INDEX, fsync_file, write_json
 from savepoint.errors import CheckpointError
-from savepoint.hf.assets import copy_assets
+from savepoint.hf.assets import copy_assets, generation_config
 from savepoint.hf.files import CONFIG_LIMIT, INDEX_LIMIT, hf_file, parse_json, read_json
 from savepoint.safe_io import open_regular, regular_size
 
@@ -192,7 +192,10 @@ class HFWriter:
 
     def finish(self, config: dict, assets: str | Path | None = None,
                assets_flag: str = "--model.hf_assets_path") -> list[Path]:
-        """Name the shards, write the index and ``config.json``, copy tokenizer files; returns the shards."""
+        """Name the shards, write the index and ``config.json``, copy tokenizer files; returns the shards.
+
+        An export whose config has token ids and whose assets hold no ``generation_config.json`` gets one.
+        """
         if self.pending or not self.shards:
             self._flush()
         count = len(self.shards)
@@ -206,6 +209,9 @@ class HFWriter:
         write_json(self.out_dir / "config.json", config)
         if assets is not None:
             copy_assets(Path(assets), self.out_dir, assets_flag)
+        generation = generation_config(config.get("bos_token_id"), config.get("eos_token_id"))
+        if generation is not None and not os.path.lexists(self.out_dir / "generation_config.json"):
+            write_json(self.out_dir / "generation_config.json", generation)
         return names
 
 

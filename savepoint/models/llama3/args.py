@@ -45,9 +45,9 @@ class ModelArgs:
         return replace(self, max_seq_len=seq_len)
 
 
-# The debug flavor trains on the byte tokenizer (savepoint.data.tokenizer): 256 bytes, BOS and EOS.
-# The tests check that its vocabulary fits this size.
-DEBUG_VOCAB_SIZE = 258
+# TorchTitan's debugmodel vocabulary: its test tokenizer (and savepoint's, tests/assets/tokenizer:
+# 2000 ids) and the byte tokenizer (258 ids) both fit, and TorchTitan debugmodel checkpoints load.
+DEBUG_VOCAB_SIZE = 2048
 
 LLAMA3_FLAVORS: dict[str, ModelArgs] = {
     # Tiny, for CPU tests: a training step takes a fraction of a second on 2 cores.
