@@ -54,11 +54,11 @@ def test_tokenizer_special_ids():
 
 
 def test_byte_vocabulary_fits_the_debug_flavor():
-    """The debug flavor trains on the byte tokenizer: every id it emits has an embedding row, and no row is idle."""
+    """The debug flavor has TorchTitan's debugmodel vocabulary; every byte tokenizer id has an embedding row."""
     from savepoint.models.llama3.args import LLAMA3_FLAVORS
 
-    assert LLAMA3_FLAVORS["debugmodel"].vocab_size == VOCAB_SIZE
-    assert max(BOS_ID, EOS_ID, 255) < LLAMA3_FLAVORS["debugmodel"].vocab_size
+    assert LLAMA3_FLAVORS["debugmodel"].vocab_size == 2048
+    assert max(BOS_ID, EOS_ID, 255) < VOCAB_SIZE <= LLAMA3_FLAVORS["debugmodel"].vocab_size
 
 
 def test_pydocs_stream_is_nontrivial_and_deterministic():
