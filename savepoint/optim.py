@@ -30,20 +30,25 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
 def lr_factor_fn(cfg: LRSchedulerConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr after ``n`` scheduler steps: linear warmup, stable, then decay.
 
+    The same values as TorchTitan v0.2.2's warmup-stable-decay schedule, so a run resumed from a
+    TorchTitan checkpoint continues on the curve it was on: warmup reaches the peak at its last step,
+    warmup longer than the run is cut to the run, decay is cut so warmup + decay fit, and the decay
+    ends one step past the last (the last step never trains at ``min_lr_factor`` alone).
+
     A plain function (not a callable object) so LambdaLR keeps it out of the checkpoint: the
     schedule always comes from the config, only the counters are saved.
     """
-    warmup = cfg.warmup_steps
+    warmup = min(cfg.warmup_steps, total_steps)
     decay_steps = round(total_steps * cfg.decay_ratio) if cfg.decay_ratio is not None else total_steps - warmup
-    decay_steps = max(decay_steps, 1)
-    decay_start = max(total_steps - decay_steps, warmup)
+    decay_steps = min(decay_steps, total_steps - warmup)
+    decay_start = total_steps + 1 - decay_steps  # warmup + stable steps, with the virtual last step
 
     def factor(n: int) -> float:
         if n < warmup:
-            return (n + 1) / (warmup + 1)
-        if n < decay_start:
+            return (n + 1) / warmup
+        if n < decay_start or decay_steps <= 0:
             return 1.0
-        progress = min((n - decay_start) / decay_steps, 1.0)
+        progress = min((n + 1 - decay_start) / decay_steps, 1.0)  # past the last step (a shorter resumed run)
         if cfg.decay_type == "linear":
             curve = 1.0 - progress
         elif cfg.decay_type == "sqrt":

@@ -25,7 +25,7 @@ from savepoint.checkpoint.fit import check_component, check_model_fits, flavor_h
 from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
-from savepoint.checkpoint.states import OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
+from savepoint.checkpoint.states import DATALOADER, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.durable import DCP_MARKER
@@ -193,6 +193,13 @@ class StepLoader:
         for name, component in self.states.items():
             if name in self.cfg.exclude_from_loading:
                 continue
+            if name == DATALOADER and titan_dataloader_state(saved_keys):
+                logger.warning("%s holds TorchTitan's data-loader state (%s), which cannot describe savepoint's data "
+                               "stream: it is skipped and the data starts again from its first sample; model, "
+                               "optimizer, lr schedule and step are restored (--checkpoint.exclude_from_loading "
+                               "dataloader skips it without this warning)", path,
+                               ", ".join(titan_dataloader_state(saved_keys)))
+                continue
             check_component(saved_keys, name, path, self.folder, source_step)
             component = staged.wrap(name, component)
             if name == TRAIN_STATE:
@@ -201,6 +208,16 @@ class StepLoader:
                 component = RenamedKeys(component, to_v03_key, from_v03_key)
             state[name] = component
         return state
+
+
+def titan_dataloader_state(saved_keys: Any) -> list[str]:
+    """The checkpoint's TorchTitan data-loader entries (``dataloader.dp_rank_<r>``, pickled per rank).
+
+    Empty when the checkpoint holds savepoint's own data position (``dataloader.sample_index``).
+    """
+    if f"{DATALOADER}.sample_index" in saved_keys:
+        return []
+    return sorted(k for k in saved_keys if k.startswith(f"{DATALOADER}.dp_rank_"))
 
 
 class RenamedKeys(Stateful):
@@ -243,4 +260,4 @@ def _bytes_read(metadata: Any, state: dict[str, Any]) -> int:
     )
 
 
-__all__ = ["RenamedKeys", "SavedRNGOnly", "StepLoader"]
+__all__ = ["RenamedKeys", "SavedRNGOnly", "StepLoader", "titan_dataloader_state"]

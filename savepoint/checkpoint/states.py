@@ -112,14 +112,30 @@ class OptimizerState(Stateful):
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
 
 
+# The scheduler entries TorchTitan v0.2.2 saves and asks for on load (``LRSchedulersContainer.state_dict``
+# is its first LambdaLR's ``state_dict()``; the ``lr_lambdas`` of its ``functools.partial`` schedule is
+# ``[{}]``, which DCP stores as no entry at all).
+TITAN_LR_SCHEDULER_KEYS = ("base_lrs", "last_epoch", "_step_count", "_last_lr", "_is_initial",
+                           "_get_lr_called_within_step")
+
+
 class LRSchedulerState(Stateful):
-    """The scheduler's counters (``last_epoch``, ``_last_lr``, ...); the schedule itself comes from config."""
+    """The scheduler's counters under TorchTitan's names; the schedule itself comes from the config.
+
+    Saved: every key of ``LambdaLR.state_dict()`` except ``lr_lambdas`` (``TITAN_LR_SCHEDULER_KEYS``
+    on the torch versions savepoint supports), so TorchTitan's loader finds each entry it asks for,
+    and savepoint loads TorchTitan's entries as they are. Older savepoint checkpoints also hold
+    ``lr_lambdas`` (``[None]``); it is no longer asked for, since the schedule function never comes
+    from a checkpoint.
+    """
 
     def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler):
         self.scheduler = scheduler
 
     def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
+        state = self.scheduler.state_dict()
+        state.pop("lr_lambdas", None)
+        return state
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Counters are counts, learning rates finite and >= 0 (one per param group), nothing else is code.
@@ -134,7 +150,7 @@ class LRSchedulerState(Stateful):
         groups = len(self.scheduler.optimizer.param_groups)
         for key, value in state_dict.items():
             if key not in ours:
-                raise LoadedValueError(key, value, f"absent (this scheduler saves only {sorted(ours)})")
+                raise LoadedValueError(key, value, f"absent (this scheduler saves only {sorted(self.state_dict())})")
             if key in ("last_epoch", "_step_count"):
                 check_count(key, value)
             elif key in ("base_lrs", "_last_lr"):
@@ -143,8 +159,8 @@ class LRSchedulerState(Stateful):
                 for i, lr in enumerate(value):
                     check_real(f"{key}[{i}]", lr, 0.0)
             elif key == "lr_lambdas":
-                # None per plain function (ours), {} per functools.partial (TorchTitan's); anything in a
-                # dict would be copied into the schedule function's attributes.
+                # None per plain function (older savepoint steps), {} per functools.partial (TorchTitan's);
+                # anything in a dict would be copied into the schedule function's attributes.
                 plain = isinstance(value, list) and all(v is None or (isinstance(v, dict) and not v) for v in value)
                 if not plain or len(value) != groups:
                     raise LoadedValueError(key, value, f"a list of {groups} None or {{}} (the schedule comes from "
@@ -154,7 +170,11 @@ class LRSchedulerState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.check_state_dict(state_dict)
-        self.scheduler.load_state_dict(state_dict)
+        state = dict(state_dict)
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)
+        if lambdas is not None:  # LambdaLR's load needs the entry; None leaves this run's schedule as it is
+            state["lr_lambdas"] = [None] * len(lambdas)
+        self.scheduler.load_state_dict(state)
 
 
 class TrainState(Stateful):
