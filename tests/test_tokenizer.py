@@ -119,3 +119,35 @@ def test_hugging_face_cache_snapshot_links_are_followed(tmp_path):
         shutil.copy(SHIPPED / name, repo / "blobs" / f"{i:040x}")
         (snapshot / name).symlink_to(os.path.relpath(repo / "blobs" / f"{i:040x}", snapshot))
     assert HFTokenizer(snapshot).encode("hi") == HFTokenizer(SHIPPED).encode("hi")
+
+
+def test_hf_export_of_a_bpe_run_tokenizes_and_generates(train, tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from tests.convert_support import load_in_transformers
+
+    train("--model.hf_assets_path", str(SHIPPED), "--training.dataset", "c4_test", "--training.steps", "2",
+          "--checkpoint.interval", "10", "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf")
+    export = tmp_path / "run" / "checkpoint" / "step-2"
+    config = json.loads((export / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (0, 1, 2048)
+    assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == 1
+    model, warned = load_in_transformers(export)
+    warned = [w for w in map(str, warned) if "torchao" not in w]  # a first import of transformers' quantizers
+    assert warned == []  # nothing about max_position_embeddings or generation settings
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export), local_files_only=True)
+    assert hf_tok.eos_token_id == 1
+    prompt = hf_tok("The module defines", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 5) or int(out[0, -1]) == 1
+    assert isinstance(hf_tok.decode(out[0]), str)
+
+
+def test_hf_export_without_a_tokenizer_says_how_to_include_one(train, caplog):
+    with caplog.at_level(logging.WARNING):
+        train("--training.steps", "1", "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf",
+              stop_after=0)
+    assert "--model.hf_assets_path is not set: the Hugging Face export will have no tokenizer files" in caplog.text
+    assert "set --model.hf_assets_path to the original HF model folder to include them" in caplog.text
