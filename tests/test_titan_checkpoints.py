@@ -184,3 +184,33 @@ def test_torchtitan_scheduler_entries_load_without(missing):
     titan = {k: v for k, v in scheduler.state_dict().items() if k != missing}
     states[LR_SCHEDULER].load_state_dict({**titan, "last_epoch": 7})
     assert scheduler.last_epoch == 7
+
+
+def test_resume_with_more_steps_trains_the_next_step_at_this_runs_schedule(tmp_path):
+    """A 20-step run (its schedule ends at lr 0) resumed with 22 steps: step 21 trains at the 22-step lr."""
+    model, optimizer, scheduler, _, train_state, states = components(seed=0, sched_steps=20)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+    train_state.step = 20
+    assert optimizer.param_groups[0]["lr"] == 0.0  # what the step-20 checkpoint holds
+    ckpt = manager(tmp_path, model, states, last_save_model_only=False)
+    ckpt.save(20, last_step=True)
+    ckpt.close()
+
+    model, optimizer, scheduler, _, train_state, states = components(seed=0, sched_steps=22)
+    fresh = [optimizer.param_groups[0]["lr"]]
+    for _ in range(21):
+        optimizer.step()
+        scheduler.step()
+        fresh.append(optimizer.param_groups[0]["lr"])  # fresh[n]: the lr step n + 1 trains at
+    model, optimizer, scheduler, _, train_state, states = components(seed=0, sched_steps=22)
+    ckpt = manager(tmp_path, model, states, load_only=True)
+    assert ckpt.load() == 20
+    ckpt.close()
+    resume_schedule(scheduler, [EXPECTED["optimizer"]["lr"]])
+    assert optimizer.param_groups[0]["lr"] == fresh[20] > 0  # step 21
+    assert scheduler.get_last_lr() == [fresh[20]]
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == fresh[21]  # step 22
