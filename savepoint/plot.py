@@ -4,7 +4,7 @@ with a marker at every committed save and every resume.
 Saves come from the checkpoint folder's committed steps and the ``saved_steps`` the trainer notes
 in the log (a save that retention removed since is still marked). Resumes come from the
 ``resumed_from`` field of the first record after a resume; in a log without it, a step that is not
-larger than one logged before it marks a resume (at the newest save before that step, else the
+larger than the one logged just before it marks a resume (at the newest save before that step, else the
 step before it).
 """
 
@@ -62,27 +62,27 @@ def find_events(records: list[dict], committed: list[int]) -> tuple[list[int], l
     for record in records:
         saves.update(record.get("saved_steps", []))
     resumes = []
-    newest = None
+    previous = None
     for record in records:
         step = record["step"]
         if "resumed_from" in record:
             resumes.append(record["resumed_from"])
-        elif newest is not None and step <= newest:
+        elif previous is not None and step <= previous:
             earlier = [s for s in saves if s < step]
             resumes.append(max(earlier) if earlier else step - 1)
-        newest = step if newest is None else max(newest, step)
+        previous = step
     return sorted(saves), sorted(set(resumes))
 
 
 def segments(records: list[dict]) -> list[list[dict]]:
     """The records split into the runs that wrote them (a new run starts at a resume)."""
     runs: list[list[dict]] = []
-    newest = None
+    previous = 0
     for record in records:
-        if not runs or "resumed_from" in record or record["step"] <= newest:
+        if not runs or "resumed_from" in record or record["step"] <= previous:
             runs.append([])
         runs[-1].append(record)
-        newest = record["step"]
+        previous = record["step"]
     return runs
 
 
@@ -101,11 +101,16 @@ def plot(dump_folder: Path, out: Path, checkpoint_folder: str = "checkpoint") ->
         label = "run 1" if i == 0 else f"run {i + 1} (resumed)"
         loss_ax.plot(steps, [r["loss"] for r in run], label=label)
         lr_ax.plot(steps, [r["lr"] for r in run])
-    for ax in (loss_ax, lr_ax):
-        for j, step in enumerate(saves):
-            ax.axvline(step, color="tab:green", linestyle=":", label="committed save" if j == 0 else None)
-        for j, step in enumerate(resumes):
-            ax.axvline(step, color="tab:red", linestyle="--", label="resume" if j == 0 else None)
+    for ax in (loss_ax, lr_ax):  # x in steps, y in axis fractions: saves along the bottom, resumes along the top
+        where = ax.get_xaxis_transform()
+        for step in saves:
+            ax.axvline(step, color="tab:green", linestyle=":", linewidth=1)
+        for step in resumes:
+            ax.axvline(step, color="tab:red", linestyle="--", linewidth=1)
+        if saves:
+            ax.plot(saves, [0.03] * len(saves), "^", color="tab:green", transform=where, label="committed save")
+        if resumes:
+            ax.plot(resumes, [0.97] * len(resumes), "v", color="tab:red", transform=where, label="resume")
     loss_ax.set_ylabel("loss")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
