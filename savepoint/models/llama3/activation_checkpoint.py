@@ -52,6 +52,8 @@ _SAVED_COLLECTIVES = {
 
 def check_ac_options(mode: str, selective_option: str) -> str | None:
     """The problem with ``mode`` / ``selective_option``, in words, or None when they are valid."""
+    if mode == "memory_budget":
+        return "activation_checkpoint.mode 'memory_budget' is not supported yet; use none, full or selective"
     if mode not in MODES:
         return f"activation_checkpoint.mode is {mode!r}; use one of {', '.join(MODES)}"
     if mode == "selective" and selective_option != "op":
