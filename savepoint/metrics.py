@@ -66,8 +66,12 @@ def peak_flops(device: torch.device) -> float | None:
     """The device's dense BF16 peak FLOPS, if it is a device this table knows; None otherwise (CPU too)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The dense BF16 peak FLOPS of the device named ``device_name`` (as CUDA names it); None if unknown."""
+    return next((flops for key, flops in PEAK_FLOPS if key in device_name), None)
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from savepoint import cli
 from savepoint.config.job_config import Metrics
 from savepoint.errors import ConfigError
-from savepoint.metrics import MetricsLog, flops_per_token, peak_memory
+from savepoint.metrics import MetricsLog, flops_per_token, peak_flops, peak_flops_of, peak_memory
 from savepoint.models.llama3 import LLAMA3_FLAVORS, Transformer
 
 RECORD = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "samples": [0, 2], "tokens_per_second": 1000.0}
@@ -60,6 +60,14 @@ def test_step_line_and_jsonl_have_throughput_and_memory_on_cpu(tmp_path, caplog)
         assert "mfu_pct" not in r  # no known peak FLOPS for a CPU
     lines = [m for m in caplog.messages if m.startswith("step")]
     assert len(lines) == 3 and "TFLOPS" in lines[0] and "GiB (peak rss)" in lines[0] and "mfu" not in lines[0]
+
+
+def test_peak_flops_by_device_name():
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA H200") == 989e12 and peak_flops_of("NVIDIA H20") == 148e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("NVIDIA GeForce RTX 3090") is None and peak_flops(torch.device("cpu")) is None
 
 
 def test_peak_memory_on_cpu_is_the_peak_rss():
