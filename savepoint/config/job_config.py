@@ -29,7 +29,7 @@ class Job:
     dump_folder: str = "./outputs"
     """Folder for everything the job writes: checkpoints, metrics, logs."""
 
-    description: str = "savepoint training job"
+    description: str = "default job"
     """Free-text description of the job, logged at start."""
 
     print_config: bool = False

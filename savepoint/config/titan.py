@@ -26,7 +26,7 @@ NOT_YET: dict[str, tuple[str, str]] = {
     "job.custom_config_module": ("extending the config with a custom module", "remove it"),
     "profiling.enable_profiling": ("the torch profiler", _OFF),
     "profiling.enable_memory_snapshot": ("CUDA memory snapshots", _OFF),
-    "model.converters": ("model converters (float8, mx)", "remove it (train in full or mixed precision)"),
+    "model.converters": ("converting the model (float8, mx)", "remove it (train in full or mixed precision)"),
     "model.print_after_conversion": ("printing the model after conversion", _OFF),
     "optimizer.early_step_in_backward": ("the optimizer step in backward", _OFF),
     "lr_scheduler.total_steps": ("a schedule longer or shorter than the run", "remove it (the schedule spans "
@@ -92,7 +92,8 @@ NOT_YET_CHOICES: dict[str, dict[str, tuple[str, str]]] = {
 
 
 def _unsupported(opt: Option, value: Any, feature: str, how: str) -> str:
-    return f"{opt.flag}={value_text(opt, value)}: {feature} is not supported yet; {how}"
+    text = ("true" if value else "false") if opt.base is bool else value_text(opt, value)
+    return f"{opt.flag}={text}: {feature} is not supported yet; {how}"
 
 
 def not_yet_problems(cfg: JobConfig) -> list[str]:
