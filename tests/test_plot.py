@@ -75,6 +75,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(f"{good}\n{{not json\n{good}\n")
     assert "metrics.jsonl line 2 is not a step record" in _error(["plot", str(tmp_path)], capsys)
     assert "one DUMP_FOLDER, got 2" in _error(["plot", "a", "b"], capsys)
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n")
+    assert "choose another -o path" in _error(["plot", str(tmp_path), "-o", str(tmp_path / "no" / "x.png")], capsys)
 
 
 def test_a_torn_last_line_is_left_out(tmp_path):
