@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -101,3 +102,21 @@ def test_checkpoints_load_across_modes(train, tmp_path):
 def test_bad_options_are_refused(train, mode, option, match):
     with pytest.raises(ConfigError, match=match):
         train(*ac_args(mode, option))
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="compiling takes minutes on a CI CPU; measured by hand")
+def test_compiled_blocks_and_loss_match_eager(train, tmp_path):
+    short = ("--training.seq_len", "16", "--training.steps", "3", "--checkpoint.no_enable")
+    eager = train(*short, dump=tmp_path / "eager")
+    compiled = train(*short, "--compile.enable", "--activation_checkpoint.mode", "full", dump=tmp_path / "compiled")
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # compile renames nothing
+    expected, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(got) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5, rel=0), step
+
+
+def test_inductor_without_a_cpp_compiler_fails_before_training(train, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(ConfigError, match="inductor backend needs a C\\+\\+ compiler on CPU"):
+        train("--compile.enable")

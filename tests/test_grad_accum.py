@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from savepoint.checkpoint.storage import CheckpointFolder
@@ -47,3 +49,13 @@ def test_resume_mid_run_is_bit_exact(train, tmp_path):
 def test_global_batch_not_a_multiple_is_refused(train, value):
     with pytest.raises(ConfigError, match=r"training.global_batch_size is -?\d+, not a multiple of .* 8"):
         train("--training.local_batch_size", "8", "--training.global_batch_size", value)
+
+
+def test_print_config_logs_the_resolved_toml(train, caplog):
+    caplog.set_level(logging.INFO, logger="savepoint.train")
+    train("--job.print_config", "--training.global_batch_size", "4", stop_after=0)
+    text = caplog.text.split("resolved config:\n", 1)[1]
+    assert "[training]\n" in text and "global_batch_size = 4\n" in text and "[activation_checkpoint]\n" in text
+    caplog.clear()
+    train(stop_after=0)
+    assert "resolved config:" not in caplog.text
