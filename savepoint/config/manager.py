@@ -413,10 +413,15 @@ def _toml_value(value: Any) -> str:
     return _toml_str(str(value))
 
 
+# The config file itself, and the [training] aliases of [debug] seed / deterministic (which [debug] carries).
+_NOT_WRITTEN = ("job.config_file", "training.seed", "training.deterministic")
+
+
 def config_to_toml(cfg: JobConfig) -> str:
     """The config as a TOML file that ``--job.config_file`` reads back to the same values.
 
-    None values (TOML has no null) and ``job.config_file`` are left out.
+    None values (TOML has no null), ``job.config_file`` and the ``[training]`` spellings of ``[debug] seed`` and
+    ``deterministic`` are left out.
     """
     lines = ["# Resolved savepoint config. Re-run with: --job.config_file <this file>"]
     for section, opts in options().items():
@@ -424,7 +429,7 @@ def config_to_toml(cfg: JobConfig) -> str:
         values = holder(cfg, section)
         for name, opt in opts.items():
             value = getattr(values, name)
-            if value is None or opt.dotted == "job.config_file":
+            if value is None or opt.dotted in _NOT_WRITTEN:
                 continue
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
