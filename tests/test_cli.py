@@ -174,8 +174,8 @@ def test_convert_help_lists_every_direction(capsys):
 @pytest.mark.parametrize(("argv", "line"), [
     (["inpsect", "x"], "error: unknown command 'inpsect'; did you mean inspect? (savepoint --help lists them)"),
     (["verfy"], "error: unknown command 'verfy'; did you mean verify? (savepoint --help lists them)"),
-    (["frobnicate"], "error: unknown command 'frobnicate': it is one of train, check, inspect, verify, convert "
-                     "(savepoint --help describes them)"),
+    (["frobnicate"], "error: unknown command 'frobnicate': it is one of train, check, inspect, verify, convert, "
+                     "plot (savepoint --help describes them)"),
     (["convert", "to_torchtun", "a", "b"], "error: unknown conversion 'to_torchtun'; did you mean to_torchtune? "
                                            "(savepoint convert --help lists them)"),
 ])
