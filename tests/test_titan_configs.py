@@ -234,3 +234,15 @@ def test_hints_only_when_close(argv: list[str], hint: str | None) -> None:
 def test_torchtitan_keys_that_were_misread_are_known() -> None:
     assert parse_args(["--training.global_batch_size", "16"], {}).training.global_batch_size == 16
     assert parse_args(["--metrics.save_tb_folder", "tb2"], {}).metrics.save_tb_folder == "tb2"
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["--activation_checkpoint.selective_ac_option", "0"], "--activation_checkpoint.selective_ac_option='0': use"),
+    (["--activation_checkpoint.selective_ac_option", "ops"], "--activation_checkpoint.selective_ac_option='ops'"),
+    (["--compile.components", "model,optimizer"], "--compile.components has 'optimizer': choose from model, loss"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_activation_checkpoint_and_compile_values_fail_before_launch(argv: list[str], start: str) -> None:
+    (line,) = problems(*argv)
+    assert line.startswith(start)
+    cfg = parse_args(["--activation_checkpoint.selective_ac_option", "3", "--compile.components", "loss"], {})
+    assert cfg.activation_checkpoint.selective_ac_option == "3"

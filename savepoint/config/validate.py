@@ -230,6 +230,20 @@ def _metrics_problems(m: Metrics) -> list[str]:
     return need("--metrics.log_freq", m.log_freq, m.log_freq >= 1, ">= 1")
 
 
+def _ac_compile_problems(cfg: JobConfig) -> list[str]:
+    """The selective option is 'op' or a block count; compile knows the model and the loss (mode: a Literal)."""
+    ac, comp = cfg.activation_checkpoint, cfg.compile
+    option = ac.selective_ac_option
+    problems = []
+    if ac.mode == "selective" and option != "op" and not (option.isdigit() and int(option) >= 1):
+        problems.append(f"--activation_checkpoint.selective_ac_option={option!r}: use 'op' (save matmul outputs) "
+                        "or a positive integer N (checkpoint every N-th block)")
+    unknown = [c for c in comp.components if c not in ("model", "loss")]
+    if unknown:
+        problems.append(f"--compile.components has {', '.join(map(repr, unknown))}: choose from model, loss")
+    return problems
+
+
 def validate(cfg: JobConfig) -> list[str]:
     """Return every semantic problem in ``cfg``; normalise values in place.
 
@@ -249,5 +263,6 @@ def validate(cfg: JobConfig) -> list[str]:
         + _metrics_problems(cfg.metrics)
         + _comm_problems(cfg.comm)
         + seed_checkpoint_problems(cfg, world_size=None)
+        + _ac_compile_problems(cfg)
         + titan_problems(cfg)
     )
