@@ -246,3 +246,11 @@ def test_activation_checkpoint_and_compile_values_fail_before_launch(argv: list[
     assert line.startswith(start)
     cfg = parse_args(["--activation_checkpoint.selective_ac_option", "3", "--compile.components", "loss"], {})
     assert cfg.activation_checkpoint.selective_ac_option == "3"
+
+
+def test_help_lists_the_choices_of_literal_keys() -> None:
+    from savepoint.config import help_text
+
+    text = help_text()
+    assert "--comm.mode default|fake_backend|local_tensor (default: default)" in text
+    assert "--quantize.linear.float8.recipe_name tensorwise|rowwise|rowwise_with_gw_hp (default: none)" in text

@@ -375,7 +375,7 @@ def help_text(prog: str = "savepoint train", argv: Sequence[str] | None = None,
             if opt.base is bool:
                 usage = f"{opt.flag} / {opt.negative_flag}"
             else:
-                usage = f"{opt.flag} {METAVARS[opt.base]}"
+                usage = f"{opt.flag} {'|'.join(opt.choices) or METAVARS[opt.base]}"
             if opt.dotted in values:
                 value, source = values[opt.dotted]
                 usage += f" = {value_text(opt, value)} (from {source}; default: {_default_text(opt)})"
