@@ -254,3 +254,9 @@ def test_help_lists_the_choices_of_literal_keys() -> None:
     text = help_text()
     assert "--comm.mode default|fake_backend|local_tensor (default: default)" in text
     assert "--quantize.linear.float8.recipe_name tensorwise|rowwise|rowwise_with_gw_hp (default: none)" in text
+
+
+def test_deprecated_tokenizer_path_points_to_hf_assets_path() -> None:
+    (line,) = problems("--model.tokenizer_path", "./tok")
+    assert line.startswith("--model.tokenizer_path=./tok: TorchTitan's deprecated tokenizer folder option is not "
+                           "supported yet; use --model.hf_assets_path")

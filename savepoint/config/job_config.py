@@ -54,7 +54,7 @@ class Model:
     """Folder with Hugging Face assets (config.json, tokenizer files, safetensors index)."""
 
     tokenizer_path: str | None = None
-    """TorchTitan's older spelling of the tokenizer folder; use --model.hf_assets_path."""
+    """TorchTitan's deprecated tokenizer folder option (not supported yet); use --model.hf_assets_path."""
 
     converters: list[str] = field(default_factory=list)
     """Model converters applied before training, such as float8 or mx (torchao; not supported yet)."""

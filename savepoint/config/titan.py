@@ -26,6 +26,8 @@ NOT_YET: dict[str, tuple[str, str]] = {
     "job.custom_config_module": ("extending the config with a custom module", "remove it"),
     "profiling.enable_profiling": ("the torch profiler", _OFF),
     "profiling.enable_memory_snapshot": ("CUDA memory snapshots", _OFF),
+    "model.tokenizer_path": ("TorchTitan's deprecated tokenizer folder option",
+                             "use --model.hf_assets_path (a folder with tokenizer.json) instead"),
     "model.converters": ("converting the model (float8, mx)", "remove it (train in full or mixed precision)"),
     "model.print_after_conversion": ("printing the model after conversion", _OFF),
     "optimizer.early_step_in_backward": ("the optimizer step in backward", _OFF),
