@@ -41,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.run import parse_args, run
 
 from savepoint import lifeline
@@ -134,6 +135,13 @@ def main(argv: list[str]) -> int:
         print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}; {where} "
               f"(rerun with SAVEPOINT_DEBUG=1 for a traceback)", file=sys.stderr)
         return code
+    except RendezvousConnectionError:
+        # Another node's job failed and the node hosting the rendezvous store (node_rank 0) exited:
+        # this node's launcher can no longer reach it. Its workers die with it (die_with_launcher).
+        print(f"savepoint: lost the connection to the job's rendezvous store at {args.rdzv_endpoint or 'localhost'} "
+              "(the node hosting it has exited, normally because the job failed there: its output names the "
+              "error); stopping this node's workers", file=sys.stderr)
+        return 1
     return 0
 
 
