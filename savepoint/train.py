@@ -189,7 +189,9 @@ class Trainer:
         self.cfg = cfg
         self.dims = resolve_parallel_dims(cfg, world_size())
         self.device = init_distributed(cfg.comm)
-        self.metrics = MetricsLog(cfg.job.dump_folder, cfg.metrics.log_freq)  # first: a bad dump folder fails fast
+        self.metrics = MetricsLog(cfg.job.dump_folder, cfg.metrics.log_freq, cfg.metrics,  # first: fails fast
+                                  model_args=LLAMA3_FLAVORS[cfg.model.flavor], seq_len=cfg.training.seq_len,
+                                  device=self.device)
         if cfg.checkpoint.create_seed_checkpoint:
             self.device = torch.device("cpu")  # the seed's weights come from a CPU init, like every init here
         if cfg.training.deterministic:
@@ -224,7 +226,9 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.peak_lrs = list(self.lr_scheduler.base_lrs)  # this run's, whatever a checkpoint says
         self.dataloader = build_dataloader(t.dataset, t.seq_len, t.local_batch_size, t.seed,
-                                           dp_rank=dp_rank(self.mesh, self.dims), dp_degree=self.dims.dp)
+                                           dp_rank=dp_rank(self.mesh, self.dims), dp_degree=self.dims.dp,
+                                           tokenizer_path=cfg.model.hf_assets_path, dataset_path=t.dataset_path,
+                                           vocab_size=model_args.vocab_size)
         self.train_state = TrainState()
         self.checkpointer = CheckpointManager(
             cfg.checkpoint,
@@ -336,6 +340,7 @@ class Trainer:
 
     def _train(self, stop_after: int | None, preemption: Preemption) -> None:
         loaded = self.load_checkpoint()
+        self.metrics.resumed(loaded)
         steps = self.cfg.training.steps
         if loaded is not None and self.train_state.step >= steps:
             logger.info("checkpoint is at step %d, --training.steps is %d: nothing to train",
@@ -358,6 +363,7 @@ class Trainer:
             # Saves if due, commits a finished async save, and stops (after a preemption save) on SIGTERM.
             stop = self.checkpointer.step_done(step, preemption.requested_at, last_step=step == steps,
                                                more=step < last)
+            self.metrics.committed(self.checkpointer.writer.committed)
         if not stop:
             logger.info("stopped at step %d", self.train_state.step)
 
@@ -372,7 +378,10 @@ def run(cfg: JobConfig) -> None:
         else:
             trainer.train()
         trainer.checkpointer.close()
+        trainer.metrics.committed(trainer.checkpointer.writer.committed)
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         # After a failure, other ranks may be gone or stuck: skip close()'s collectives, but free
         # the folder for the next job (a local operation).
         if trainer is not None and trainer.checkpointer.lock is not None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from savepoint.checkpoint.storage import CheckpointFolder
-from savepoint.errors import CheckpointError
+from savepoint.errors import CheckpointError, SavepointError
 from savepoint.hf.folder import HFFolder
 from savepoint.hf.llama3 import to_hf_key, to_hf_tensor
 from savepoint.models.llama3 import LLAMA3_FLAVORS
+from tests.conftest import ROOT
 from tests.convert_support import load_in_transformers
 
 transformers = pytest.importorskip("transformers")
@@ -40,14 +42,14 @@ def our_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 def test_final_save_in_hf_loads_in_transformers(train, tmp_path):
     assets = tmp_path / "assets"
     assets.mkdir()
-    (assets / "tokenizer.json").write_text("{}")
-    (assets / "tokenizer_config.json").write_text("{}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "tests/assets/tokenizer" / name, assets / name)
     (assets / "model.safetensors").write_text("not copied: weights never come from the assets folder")
     (assets / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009]}))
     trainer = train(*HF_FINAL, "--model.hf_assets_path", str(assets))
     step6 = tmp_path / "run/checkpoint/step-6"
     assert sorted(p.name for p in step6.iterdir()) == [
-        "config.json", "manifest.json", "model.safetensors", "model.safetensors.index.json",
+        "config.json", "generation_config.json", "manifest.json", "model.safetensors", "model.safetensors.index.json",
         "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((step6 / "manifest.json").read_text())["kind"] == "hf"
     assert CheckpointFolder(tmp_path / "run/checkpoint").committed_steps() == [5, 6]
@@ -115,5 +117,5 @@ def test_initial_load_in_hf_errors(train, tmp_path):
         (tmp_path / "empty").mkdir()
         train("--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_path", str(tmp_path / "empty"),
               stop_after=0)
-    with pytest.raises(CheckpointError, match="hf_assets_path=.*is not a folder"):
+    with pytest.raises(SavepointError, match="hf_assets_path=.*is not a folder"):  # the tokenizer's folder
         train(*HF_FINAL, "--model.hf_assets_path", str(tmp_path / "nope"))

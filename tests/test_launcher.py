@@ -195,7 +195,9 @@ def test_a_failed_rank_whose_output_is_hidden_is_named_with_how_to_see_it(tmp_pa
     """LOG_RANK=0 hides rank 1's output: when rank 1 fails, the last line says how to see its error."""
     script = tmp_path / "fail_on_rank1.py"
     script.write_text("import os, sys, time\n"
-                      "if os.environ['RANK'] == '1':\n    print('rank 1 went wrong', file=sys.stderr)\n    sys.exit(3)\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    print('rank 1 went wrong', file=sys.stderr)\n"
+                      "    sys.exit(3)\n"
                       "time.sleep(60)\n")
     result = subprocess.run(
         [sys.executable, "-m", "savepoint.launch", "--nproc_per_node", "2", "--master_port", str(_free_port()),

@@ -4,7 +4,8 @@ Top to bottom: cli / launch / job (a job's config checked against its model) -> 
 -> hf -> torch DCP. The converters (``convert``) sit beside the trainer and may use checkpoint and
 hf; nothing below them uses them. ``config`` describes a job without knowing a model, data or a
 checkpoint; ``models`` and ``data`` know nothing of config, checkpoint or hf (models may use
-``distributed``). Leaf modules (errors, safe_io, durable, values, parallel_dims, dtypes, pipeline_plan) use only each other.
+``distributed``). Leaf modules (errors, safe_io, durable, values, parallel_dims, dtypes,
+pipeline_plan) use only each other.
 """
 
 from __future__ import annotations

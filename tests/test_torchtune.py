@@ -184,7 +184,7 @@ def test_stock_torchtune_loads_a_model_only_step(train, tmp_path):
     tokens = torch.randint(0, f.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (model.eval()(tokens) - trainer.model.eval()(tokens)).abs().max().item()
-    assert diff < 1e-6, diff
+    assert diff < 1e-5, diff  # float32 rounding over 2048 logits
 
 
 def test_stock_torchtune_path_refuses_a_full_step(train, tmp_path):
