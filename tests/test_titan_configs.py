@@ -237,9 +237,9 @@ def test_torchtitan_keys_that_were_misread_are_known() -> None:
 
 
 @pytest.mark.parametrize("argv, start", [
-    (["--activation_checkpoint.selective_ac_option", "0"], "--activation_checkpoint.selective_ac_option='0': use"),
-    (["--activation_checkpoint.selective_ac_option", "ops"], "--activation_checkpoint.selective_ac_option='ops'"),
-    (["--compile.components", "model,optimizer"], "--compile.components has 'optimizer': choose from model, loss"),
+    (["--activation_checkpoint.selective_ac_option", "0"], "--activation_checkpoint.selective_ac_option is '0'"),
+    (["--activation_checkpoint.selective_ac_option", "ops"], "--activation_checkpoint.selective_ac_option is 'ops'"),
+    (["--compile.components", "model,optimizer"], "--compile.components has 'optimizer'; use 'model' and/or 'loss'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_activation_checkpoint_and_compile_values_fail_before_launch(argv: list[str], start: str) -> None:
     (line,) = problems(*argv)

@@ -236,11 +236,11 @@ def _ac_compile_problems(cfg: JobConfig) -> list[str]:
     option = ac.selective_ac_option
     problems = []
     if ac.mode == "selective" and option != "op" and not (option.isdigit() and int(option) >= 1):
-        problems.append(f"--activation_checkpoint.selective_ac_option={option!r}: use 'op' (save matmul outputs) "
-                        "or a positive integer N (checkpoint every N-th block)")
+        problems.append(f"--activation_checkpoint.selective_ac_option is {option!r}; use 'op' or a positive "
+                        "integer N (checkpoint every N-th block)")
     unknown = [c for c in comp.components if c not in ("model", "loss")]
     if unknown:
-        problems.append(f"--compile.components has {', '.join(map(repr, unknown))}: choose from model, loss")
+        problems.append(f"--compile.components has {', '.join(map(repr, unknown))}; use 'model' and/or 'loss'")
     return problems
 
 
