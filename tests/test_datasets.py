@@ -124,26 +124,25 @@ def _samples(dump: Path) -> dict[int, list[int]]:
 
 def _data(path: Path) -> list[str]:
     return ["--training.dataset_path", str(path), "--model.hf_assets_path", TOKENIZER, "--training.seq_len", "16",
-            "--training.steps", "6", "--checkpoint.interval", "3"]
+            "--training.steps", "4", "--checkpoint.interval", "2"]
 
 
 def test_training_on_jsonl_resumes_where_it_stopped(train, tmp_path, files):
-    straight = train(*_data(files["jsonl"]), "--checkpoint.no_enable", dump=tmp_path / "straight")
-    train(*_data(files["jsonl"]), dump=tmp_path / "resumed", stop_after=3)
-    resumed = train(*_data(files["jsonl"]), dump=tmp_path / "resumed")
-    assert resumed.loaded_step == 3 and straight.train_state.step == resumed.train_state.step == 6
+    first = train(*_data(files["jsonl"]), stop_after=2)
+    assert torch.equal(first.dataloader.stream.tokens, load_token_stream("x", str(files["jsonl"]), TOKENIZER))
+    resumed = train(*_data(files["jsonl"]))
+    assert resumed.loaded_step == 2 and resumed.train_state.step == 4
     # each step reads the next 2 samples of the global stream: none skipped, none twice, across the resume
-    assert _samples(tmp_path / "resumed") == _samples(tmp_path / "straight") == {s: [2 * s - 2, 2 * s]
-                                                                                 for s in range(1, 7)}
-    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
+    assert _samples(tmp_path / "run") == {s: [2 * s - 2, 2 * s] for s in range(1, 5)}
+    assert resumed.dataloader.state_dict()["sample_index"] == 8
 
 
 def test_training_on_parquet_reads_its_documents(train, tmp_path, files):
-    trainer = train(*_data(files["parquet"]), "--training.steps", "2", "--checkpoint.no_enable")
+    trainer = train(*_data(files["parquet"]), "--training.steps", "1", "--checkpoint.no_enable")
     stream = trainer.dataloader.stream.tokens
     assert torch.equal(stream, load_token_stream("x", str(files["parquet"]), TOKENIZER))
     assert stream.numel() > 1000 and int(stream.max()) < 2000
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert sorted(losses(tmp_path / "run")) == [1]
 
 
 def test_a_tokenizer_larger_than_the_model_fails_before_training(files):
