@@ -76,8 +76,8 @@ def test_to_hf_loads_in_transformers_as_is(tmp_path, flavors):
         diff = (hf(TOKENS).logits - ours.eval()(TOKENS)).abs().max().item()
     assert diff < 1e-5, diff
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "tokenizer.json", "tokenizer_config.json"]
     assert (tmp_path / "hf/tokenizer.json").read_text() == (tmp_path / "assets/tokenizer.json").read_text()
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, [2, 3])  # from the assets' config.json
