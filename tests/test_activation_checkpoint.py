@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -104,7 +103,7 @@ def test_bad_options_are_refused(train, mode, option, match):
         train(*ac_args(mode, option))
 
 
-@pytest.mark.skipif(bool(os.environ.get("CI")), reason="compiling takes minutes on a CI CPU; measured by hand")
+@pytest.mark.slow  # compiling takes a minute or more on a 2-core CPU; run with -m slow
 def test_compiled_blocks_and_loss_match_eager(train, tmp_path):
     short = ("--training.seq_len", "16", "--training.steps", "3", "--checkpoint.no_enable")
     eager = train(*short, dump=tmp_path / "eager")
