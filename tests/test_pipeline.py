@@ -143,9 +143,10 @@ def test_pp_training_matches_one_process(base, layout):
     final_pp = torch.load(base / layout / "final.pt", weights_only=False)["model"]
     assert max_diff(final_one, final_pp) <= TOLERANCE
     assert consumed(base, layout) == consumed(base, "one")  # the same global batches, step by step
-    # The logged gradient norm covers every stage's gradients (half of them would be ~0.7x).
+    # The logged gradient norm covers every stage's gradients (one stage's alone would be ~0.7x). FSDP's
+    # reduce-scatter sums the gradients in another order: 7e-5 relative at PP(2) x FSDP(2), as at FSDP(2).
     norms_one, norms_pp = grad_norms(base / "one"), grad_norms(base / layout)
-    assert all(abs(norms_pp[s] - norms_one[s]) <= TOLERANCE * norms_one[s] for s in norms_one), (norms_one, norms_pp)
+    assert all(abs(norms_pp[s] - norms_one[s]) <= 1e-3 * norms_one[s] for s in norms_one), (norms_one, norms_pp)
 
 
 def grad_norms(dump_folder: Path) -> dict[int, float]:
