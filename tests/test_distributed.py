@@ -35,9 +35,10 @@ LOSS_TOLERANCE = 1e-5
 CONTINUATION_TOLERANCE = 1e-4
 
 
-def torchrun(base: Path, nproc: int, scenarios: list[str]) -> None:
+def torchrun(base: Path, nproc: int, scenarios: list[str], worker: str = "dist_worker.py") -> None:
+    """Run ``scenarios`` of ``tests/<worker>`` in one torchrun launch of ``nproc`` gloo processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", str(ROOT / "tests" / "dist_worker.py"), str(base), ",".join(scenarios)]
+           "--rdzv_endpoint", "localhost:0", str(ROOT / "tests" / worker), str(base), ",".join(scenarios)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"

@@ -30,6 +30,7 @@ from tests import dist_worker
 from tests import pp_worker as worker
 from tests.conftest import ROOT, losses, make_config
 from tests.test_distributed import assert_identical, flatten, loaded_state, saved_tensors
+from tests.test_distributed import torchrun as distributed_torchrun
 from tests.test_format_utils import dcp_to_torch
 
 pytestmark = pytest.mark.distributed
@@ -83,11 +84,7 @@ def guide_config(base: Path) -> Path:
 
 
 def torchrun(base: Path, nproc: int, scenarios: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", str(ROOT / "tests" / "pp_worker.py"), str(base), ",".join(scenarios)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    distributed_torchrun(base, nproc, scenarios, worker="pp_worker.py")
 
 
 @contextmanager
