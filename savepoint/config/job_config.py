@@ -228,6 +228,17 @@ class Checkpoint:
     preemption_grace_seconds: float = 60.0
     """After SIGTERM: finish the step, commit a checkpoint and exit 0; give up (exit 1) after this many seconds."""
 
+    memory_interval: int = 0
+    """Also save to node-local memory (--checkpoint.memory_folder) every this many steps, so a restarted process
+    resumes from there; 0 turns the in-memory tier off. It never replaces the durable saves of --checkpoint.interval."""
+
+    memory_folder: str = "/dev/shm/savepoint"
+    """Where in-memory checkpoints live: a RAM-backed folder on each node (tmpfs), one subfolder per run and rank."""
+
+    memory_keep_latest_k: int = 2
+    """In-memory steps kept per rank (1 or more): with 2, a rank that died while writing its newest one still
+    shares the one before with every other rank."""
+
 
 @dataclass
 class Parallelism:

@@ -81,6 +81,11 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
     problems += need(f"{p}preemption_grace_seconds", ckpt.preemption_grace_seconds,
                       _finite(ckpt.preemption_grace_seconds) and ckpt.preemption_grace_seconds > 0,
                       "finite and > 0 (seconds to save after SIGTERM)")
+    problems += need(f"{p}memory_interval", ckpt.memory_interval, ckpt.memory_interval >= 0,
+                      ">= 0 (save to memory every N steps; 0 turns the in-memory tier off)")
+    problems += need(f"{p}memory_keep_latest_k", ckpt.memory_keep_latest_k, ckpt.memory_keep_latest_k >= 1,
+                      ">= 1 (in-memory steps kept per rank)")
+    problems += need(f"{p}memory_folder", ckpt.memory_folder, bool(ckpt.memory_folder.strip()), "a non-blank path")
     problems += one_of(f"{p}export_dtype", ckpt.export_dtype, FLOAT_DTYPES)
     problems += one_of(f"{p}async_mode", ckpt.async_mode, ASYNC_MODES)
     problems += _exclude_problems(ckpt)
