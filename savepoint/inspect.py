@@ -37,7 +37,7 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
     folder = CheckpointFolder(target)
     steps = folder.committed_steps()
     if not steps:
-        return f"{target}: no committed steps", []
+        return "\n".join([f"{target}: no committed steps", *_memory_lines(target)]), []
     lines = [f"{target}: {len(steps)} committed step(s)"]
     unreadable = []
     for step in steps:
@@ -49,7 +49,22 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
     leftovers = sorted(_shown(p.name) for p in target.iterdir() if p.name.startswith(".step-"))
     if leftovers:
         lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
-    return "\n".join(lines), unreadable
+    return "\n".join(lines + _memory_lines(target)), unreadable
+
+
+def _memory_lines(target: Path) -> list[str]:
+    """The in-memory steps of the folder's run on this node, which are not durable steps (see ``memory.py``)."""
+    from savepoint.checkpoint.memory import memory_steps, read_run
+
+    by_rank = memory_steps(target)
+    if not any(by_rank.values()):
+        return []
+    record = read_run(target) or {}
+    where = Path(record.get("memory_folder", "?")) / record.get("run", "?")
+    lines = [f"  in memory on this node ({_shown(str(where))}; not durable: lost with the node, "
+             "used only by a restart of this job):"]
+    lines += [f"    {_shown(rank):<8} steps {', '.join(map(str, steps)) or 'none'}" for rank, steps in by_rank.items()]
+    return lines
 
 
 def _step_summary(folder: CheckpointFolder, step: int) -> str:

@@ -23,6 +23,7 @@ from savepoint.checkpoint.coordination import Coordinator
 from savepoint.checkpoint.hf_steps import HFAdapter, HFSteps
 from savepoint.checkpoint.loading import StepLoader
 from savepoint.checkpoint.lock import FolderLock
+from savepoint.checkpoint.memory import MemoryTier
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import MODEL, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder
@@ -78,6 +79,10 @@ class CheckpointManager:
                                  job_config.get("model", {}).get("flavor"))
         if cfg.enable and not cfg.load_only:
             self.coord.run_on_rank0(self.writer.prepare, f"preparing {self.folder.root}")
+        self.memory: MemoryTier | None = None  # the in-memory tier (see memory.py)
+        if cfg.enable and not cfg.load_only and cfg.memory_interval > 0 and not cfg.create_seed_checkpoint:
+            self.memory = MemoryTier(cfg, self.coord, self.model_state, states, self.layout)
+            self.memory.prepare(self.folder.root)
 
     @property
     def lock(self) -> FolderLock | None:
@@ -85,11 +90,17 @@ class CheckpointManager:
         return self.writer.lock
 
     def close(self) -> None:
-        """Wait for (and commit) a save in flight, then release the checkpointer's process groups and folder lock."""
+        """Wait for (and commit) a save in flight, then release the checkpointer's process groups and folder lock.
+
+        The job ended cleanly (trained to the end, or preempted with a durable checkpoint): the
+        in-memory steps are removed, since no restart will need them.
+        """
         try:
             self.finish_inflight()
             if self.saver is not None:
                 self.saver.close()
+            if self.memory is not None:
+                self.memory.close(remove=True)
             self.coord.close()
         finally:
             if self.lock is not None:
@@ -101,6 +112,8 @@ class CheckpointManager:
         """Call right before ``optimizer.step()``: returns once an async save has copied the state."""
         if self.saver is not None:
             self.saver.wait_for_staging()
+        if self.memory is not None:
+            self.memory.wait_for_staging()
 
     def step_done(self, step: int, stop_requested: Callable[[int], bool], last_step: bool = False,
                   more: bool = True) -> bool:
@@ -120,8 +133,10 @@ class CheckpointManager:
         if last_step:
             self._logged(self.finish_inflight)
             self.save(step, last_step=True)
-        else:
-            self._logged(lambda: self.save(step))
+        elif not self._logged(lambda: self.save(step)) and self.memory is not None:
+            self.memory.poll()
+            if self.memory.due(step):
+                self.memory.save(step)  # only when no durable save was started: the state is copied once
         return more and self.check_stop(step, stop_requested)
 
     def check_stop(self, step: int, stop_requested: Callable[[int], bool]) -> bool:
@@ -278,6 +293,9 @@ class CheckpointManager:
         if step != -1:
             self.writer.committed = self._load_explicit(step, committed)
             return step
+        from_memory = self._load_from_memory(committed)
+        if from_memory is not None:
+            return from_memory
         if committed:
             if self.folder.is_hf(committed[-1]):
                 raise self.loader.hf_step_error(committed[-1], committed)
@@ -293,6 +311,21 @@ class CheckpointManager:
         if self.cfg.initial_load_path:
             return self.loader.load_initial(Path(self.cfg.initial_load_path))
         logger.info("no checkpoint in %s: fresh start", self.folder.root)
+        return None
+
+    def _load_from_memory(self, committed: list[int]) -> int | None:
+        """Resume from the newest in-memory step every rank has, if it is at least as new as the newest
+        durable step; returns it, or None (then the durable folder decides, as without the tier)."""
+        if self.memory is None:
+            return None
+        durable_latest = committed[-1] if committed else None
+        for step in self.memory.candidates(durable_latest):
+            if self.memory.load(step):
+                # Durable saves go on as before: the preemption save writes this step durably if due.
+                self.writer.committed = durable_latest
+                if durable_latest is not None:
+                    self.writer.retain(durable_latest)  # as a resume from it would
+                return step
         return None
 
     def _load_explicit(self, step: int, committed: list[int]) -> int:

@@ -131,13 +131,21 @@ class AsyncSaver:
 
     Args:
         mode: ``async`` or ``async_with_pinned_mem``.
+        local: each rank saves on its own, with no collective (the in-memory tier's per-rank steps):
+            DCP runs without a process group and writes from a thread.
+        cpu_group: with ``local``, a gloo group of the job, only to pass ``dcp.async_save``'s check
+            that the job has a CPU backend (no collective runs on it).
     """
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, local: bool = False, cpu_group: dist.ProcessGroup | None = None):
         self.mode = mode
+        self.local = local
         self.writer_niceness = _writer_niceness()  # first: a bad SAVEPOINT_WRITER_NICE fails before any set-up
         cuda = torch.cuda.is_available()
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if local:
+            self.group = cpu_group
+        else:
+            self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         pinned = mode == "async_with_pinned_mem"
         # Buffers are allocated by the first save and reused by every later one (DefaultStager
         # caches them). Pinned memory and non-blocking copies need CUDA; on CPU, shared memory
@@ -150,7 +158,7 @@ class AsyncSaver:
         ))
         # A background process needs a process group to join; an in-process run without torchrun
         # (tests, notebooks) writes from a thread instead.
-        self.process = pinned and dist.is_initialized()
+        self.process = pinned and dist.is_initialized() and not local
         self.inflight: InFlight | None = None
         # One long-lived thread starts every save (and, in ``async``, writes it), off the trainer's path.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="savepoint-ckpt")
@@ -172,13 +180,15 @@ class AsyncSaver:
             written = Future()
             self.worker.submit(self._start_pinned, state, planner, writer, staged, written)
             self.inflight = InFlight(step, kind, staging_dir, staged, written, start)
-        logger.info("step %d: %s save started (%s writer); training blocked %.3f s", step, self.mode,
+        logger.info("step %d: %s save started (%s writer); training blocked %.3f s", step,
+                    "in-memory" if self.local else self.mode,
                     "process" if self.process else "thread", time.perf_counter() - start)
 
     def _write(self, staged_state: dict[str, Any], planner: SavePlanner, writer: StorageWriter) -> Any:
         """``async``, on the worker thread: write the staged copy, at the writer's priority."""
         _set_niceness(0, self.writer_niceness)  # this thread and those it starts (DCP's, the hashing thread)
-        return dcp.save(staged_state, storage_writer=writer, planner=planner, process_group=self.group)
+        return dcp.save(staged_state, storage_writer=writer, planner=planner, process_group=self.group,
+                        no_dist=self.local)
 
     def _start_pinned(self, state: dict[str, Any], planner: SavePlanner, writer: StorageWriter, staged: Future,
                       written: Future) -> None:
@@ -186,7 +196,8 @@ class AsyncSaver:
         try:
             checkpointer = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
             response = dcp.async_save(state, storage_writer=writer, planner=planner, process_group=self.group,
-                                      async_checkpointer_type=checkpointer, async_stager=self.stager)
+                                      async_checkpointer_type=checkpointer, async_stager=self.stager,
+                                      no_dist=self.local)
             if isinstance(response, AsyncSaveResponse):
                 inner_staged, inner_written = response.staging_completion, response.upload_completion
             else:
@@ -231,7 +242,7 @@ class AsyncSaver:
     def close(self) -> None:
         self.worker.shutdown(wait=True)
         self.stager.close()
-        if self.group is not None:
+        if self.group is not None and not self.local:
             dist.destroy_process_group(self.group)
             self.group = None
 

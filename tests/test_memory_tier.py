@@ -1,0 +1,225 @@
+"""The in-memory tier at one process: what a restart loads, what it falls back to, and what the tier never does.
+
+A job "crashes" here by returning from ``train(stop_after=N)`` without ``close()`` (the RAM copies stay,
+as after a SIGKILL); the save in flight is committed first, as if the crash came a moment later, so
+the RAM steps are known. Real SIGKILLs under torchrun are in test_restarts.py and the kill trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from savepoint.checkpoint.memory import RUN_FILE, memory_steps, read_run
+from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.train import Trainer
+from tests.conftest import ROOT, losses, make_config
+from tests.test_resume import assert_bit_identical, optimizer_tensors
+
+STEPS = 8
+DURABLE = ["--checkpoint.enable", "--checkpoint.interval", "4", "--training.steps", str(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run: its losses and final state."""
+    dump = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(make_config(dump, *DURABLE))
+    trainer.train()
+    trainer.checkpointer.close()
+    return losses(dump), trainer
+
+
+def memory_args(shm: Path, interval: int = 1, *more: str) -> list[str]:
+    return [*DURABLE, "--checkpoint.memory_interval", str(interval), "--checkpoint.memory_folder", str(shm), *more]
+
+
+def crash(dump: Path, args: list[str], at: int) -> Trainer:
+    """Train to step ``at`` and stop without closing: the RAM copies stay (the save in flight is committed)."""
+    trainer = Trainer(make_config(dump, *args))
+    trainer.train(stop_after=at)
+    if trainer.checkpointer.memory is not None:
+        trainer.checkpointer.memory.finish()
+    trainer.checkpointer.lock.release()
+    return trainer
+
+
+def finish(dump: Path, args: list[str]) -> Trainer:
+    trainer = Trainer(make_config(dump, *args))
+    trainer.train()
+    trainer.checkpointer.close()
+    return trainer
+
+
+def rank_folder(shm: Path) -> CheckpointFolder:
+    (run,) = [p for p in shm.iterdir() if p.is_dir()]
+    return CheckpointFolder(run / "rank-0")
+
+
+def assert_same_run(straight, dump: Path, trainer: Trainer, first: int) -> None:
+    expected, trained = straight
+    got = losses(dump)
+    assert [got[s] for s in range(first, STEPS + 1)] == [expected[s] for s in range(first, STEPS + 1)]
+    assert_bit_identical(trained.model.state_dict(), trainer.model.state_dict())
+    assert_bit_identical(optimizer_tensors(trained), optimizer_tensors(trainer))
+    assert trainer.dataloader.sample_index == trained.dataloader.sample_index
+
+
+def damage(step_dir: Path) -> None:
+    data = sorted(step_dir.glob("*.distcp"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+
+
+def test_restart_resumes_from_memory_when_it_is_newer(straight, tmp_path, caplog):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm)
+    crash(dump, args, at=6)
+    assert CheckpointFolder(dump / "checkpoint").committed_steps() == [4]  # RAM steps are not durable steps
+    assert rank_folder(shm).committed_steps() == [5, 6]  # memory_keep_latest_k = 2
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "resuming from the in-memory checkpoint of step 6" in caplog.text
+    assert_same_run(straight, dump, trainer, first=7)
+    assert CheckpointFolder(dump / "checkpoint").committed_steps() == [4, 8]
+    assert not any(shm.iterdir()), "a job that ended cleanly leaves no RAM copy behind"
+
+
+def test_damaged_memory_steps_fall_back_to_the_older_one_then_to_disk(straight, tmp_path, caplog):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm)
+    crash(dump, args, at=7)
+    folder = rank_folder(shm)
+    assert folder.committed_steps() == [6, 7]
+    damage(folder.step_dir(7))
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "the in-memory checkpoint of step 7 cannot be used" in caplog.text
+    assert "resuming from the in-memory checkpoint of step 6" in caplog.text
+    assert_same_run(straight, dump, trainer, first=7)
+
+    dump2 = tmp_path / "run2"
+    crash(dump2, args, at=6)
+    folder = rank_folder(shm)
+    for step in folder.committed_steps():
+        damage(folder.step_dir(step))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump2, args)
+    assert "resuming from the in-memory checkpoint" not in caplog.text
+    assert "loaded " + str(dump2 / "checkpoint" / "step-4") in caplog.text  # the durable step
+    assert_same_run(straight, dump2, trainer, first=5)
+
+
+def test_memory_older_than_disk_or_missing_loads_disk(straight, tmp_path, caplog):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm, 3)  # RAM at 3 and 6 (not 4: a durable save is due then), disk at 4 and 8
+    crash(dump, args, at=5)
+    assert rank_folder(shm).committed_steps() == [3]
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "the newest in-memory step is 3 and it is older than durable step-4" in caplog.text
+    assert_same_run(straight, dump, trainer, first=5)
+
+    dump2 = tmp_path / "run2"
+    crash(dump2, memory_args(shm), at=6)
+    shutil.rmtree(rank_folder(shm).root)  # the node was rebooted
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump2, memory_args(shm))
+    assert "resuming from the in-memory checkpoint" not in caplog.text
+    assert_same_run(straight, dump2, trainer, first=5)
+
+
+def test_no_durable_step_and_unusable_memory_is_a_fresh_start(straight, tmp_path):
+    """A failed RAM load changes nothing: the fresh start that follows equals an uninterrupted run."""
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm, 1, "--checkpoint.interval", "100")
+    crash(dump, args, at=3)
+    assert CheckpointFolder(dump / "checkpoint").committed_steps() == []
+    folder = rank_folder(shm)
+    for step in folder.committed_steps():
+        damage(folder.step_dir(step))
+    trainer = finish(dump, args)
+    assert_same_run(straight, dump, trainer, first=1)
+
+
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_memory_tier_with_async_durable_saves(straight, tmp_path, mode, caplog):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm, 1, "--checkpoint.async_mode", mode)
+    crash(dump, args, at=6)
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "resuming from the in-memory checkpoint of step 6" in caplog.text
+    assert_same_run(straight, dump, trainer, first=7)
+
+
+def test_inspect_shows_memory_steps_apart_and_retention_ignores_them(tmp_path):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    crash(dump, memory_args(shm, 1, "--checkpoint.keep_latest_k", "1"), at=7)
+    root = dump / "checkpoint"
+    assert CheckpointFolder(root).committed_steps() == [4]
+    assert read_run(root)["memory_folder"] == str(shm)
+    assert memory_steps(root) == {"rank-0": [6, 7]}
+    out = subprocess.run([sys.executable, "-m", "savepoint", "inspect", str(root)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "1 committed step(s)" in out.stdout and "step-4" in out.stdout
+    assert "in memory on this node" in out.stdout and "rank-0   steps 6, 7" in out.stdout
+    verify = subprocess.run([sys.executable, "-m", "savepoint", "verify", str(rank_folder(shm).step_dir(7))],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_new_run_in_a_fresh_folder_never_loads_another_runs_memory(tmp_path, caplog):
+    shm = tmp_path / "shm"
+    crash(tmp_path / "a", memory_args(shm), at=6)
+    (run_a,) = shm.iterdir()
+    with caplog.at_level(logging.INFO):
+        trainer = crash(tmp_path / "b", memory_args(shm), at=1)
+    assert "no checkpoint in" in caplog.text and trainer.loaded_step is None
+    assert len(list(shm.iterdir())) == 2 and run_a.is_dir()
+    run_files = [(tmp_path / job / "checkpoint" / RUN_FILE).read_text() for job in ("a", "b")]
+    assert run_files[0] != run_files[1]
+
+
+def test_unusable_memory_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = subprocess.run([sys.executable, "-m", "savepoint", "train", "--job.config_file",
+                          str(ROOT / "configs" / "debug_model.toml"), "--job.dump_folder", str(tmp_path / "run"),
+                          *memory_args(blocker / "shm")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert "--checkpoint.memory_folder=" in out.stderr and "memory_interval 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 60 MB tmpfs: too small for the debug model's 71 MB step."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_memory_folder_skips_saves_and_training_goes_on(straight, tmp_path, small_tmpfs, caplog):
+    dump = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, memory_args(small_tmpfs))
+    assert "skipping the in-memory save of step 1 on rank 0" in caplog.text
+    assert caplog.text.count("skipping the in-memory save") == 1  # one warning, not one per step
+    assert shutil.disk_usage(small_tmpfs).used < 1 << 20  # nothing written, nothing left
+    assert_same_run(straight, dump, trainer, first=1)
+    assert torch.equal(trainer.model.tok_embeddings.weight, straight[1].model.tok_embeddings.weight)
