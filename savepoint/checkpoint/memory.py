@@ -247,9 +247,13 @@ class MemoryTier:
         if not newer and any(everyone):
             newest = max(max(steps, default=-1) for steps in everyone)
             missing = [r for r, steps in enumerate(everyone) if newest not in steps]
-            why = (f"rank(s) {', '.join(map(str, missing))} do not have it" if missing
-                   else f"it is older than durable step-{durable_latest}")
-            logger.info("not resuming from memory: the newest in-memory step is %d and %s", newest, why)
+            if missing:
+                logger.warning("not resuming from memory: the newest in-memory step is %d and rank(s) %s do not have "
+                               "it (their node lost its RAM, or they died before writing it)", newest,
+                               ", ".join(map(str, missing)))
+            else:
+                logger.info("not resuming from memory: the newest in-memory step is %d and it is older than "
+                            "durable step-%s", newest, durable_latest)
         return newer
 
     def load(self, step: int) -> bool:

@@ -1,0 +1,117 @@
+"""In-memory tier scenarios at two processes (FSDP 2), for tests/test_memory_tier_distributed.py (torchrun, gloo).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/memory_worker.py BASE
+
+Each scenario trains to a step and stops without closing (the RAM copies stay, as after a crash;
+the save in flight is committed first), changes the RAM copies as the scenario says, restarts
+and trains to the end. Rank 0 writes ``BASE/results.json``: per scenario the step the restart
+loaded, its losses, and whether its final model and optimizer equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from savepoint.config.job_config import Comm  # noqa: E402
+from savepoint.distributed import init_distributed  # noqa: E402
+from savepoint.train import Trainer  # noqa: E402
+from tests.conftest import make_config  # noqa: E402
+
+STEPS = 8
+ARGS = ["--training.steps", str(STEPS), "--checkpoint.interval", "4", "--training.local_batch_size", "2"]
+
+
+def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+    model = get_model_state_dict(trainer.model, options=opts)
+    optim = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=opts)
+    return {**{f"model.{k}": v for k, v in model.items()},
+            **{f"optim.{k}": v for k, v in optim.items() if isinstance(v, torch.Tensor)}}
+
+
+def losses(dump: Path) -> dict[int, float]:
+    lines = (dump / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def run(dump: Path, args: list[str], stop_after: int | None = None) -> Trainer:
+    trainer = Trainer(make_config(dump, *ARGS, *args))
+    trainer.train(stop_after=stop_after)
+    if stop_after is None:
+        trainer.checkpointer.close()
+    else:  # a crash: nothing is closed; the RAM save in flight is committed as if the crash came later
+        trainer.checkpointer.memory.finish()
+        if trainer.checkpointer.lock is not None:
+            trainer.checkpointer.lock.release()
+    dist.barrier()
+    return trainer
+
+
+def rank_folder(shm: Path) -> Path:
+    (run_dir,) = [p for p in shm.iterdir() if p.is_dir()]
+    return run_dir / f"rank-{dist.get_rank()}"
+
+
+def damage(step_dir: Path) -> None:
+    data = sorted(step_dir.glob("*.distcp"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+
+
+def on_rank1(fn, shm: Path) -> None:
+    if dist.get_rank() == 1:
+        fn(shm)
+    dist.barrier()
+
+
+# name -> (extra args, crash at, what happens to the RAM copies before the restart)
+SCENARIOS = {
+    "newer": ([], 6, None),
+    "pinned": (["--checkpoint.async_mode", "async_with_pinned_mem"], 6, None),
+    "async": (["--checkpoint.async_mode", "async"], 7, None),
+    "rank1_lost_newest": ([], 7, lambda shm: shutil.rmtree(rank_folder(shm) / "step-7")),
+    "rank1_damaged": ([], 6, lambda shm: [damage(p) for p in sorted(rank_folder(shm).glob("step-*"))]),
+    "rank1_rebooted": ([], 6, lambda shm: shutil.rmtree(rank_folder(shm))),
+}
+
+
+def main(base: Path) -> None:
+    init_distributed(Comm())
+    straight = run(base / "straight", ["--checkpoint.enable"])
+    expected = full_state(straight)
+    results: dict[str, dict] = {}
+    for name, (extra, at, change) in SCENARIOS.items():
+        dump, shm = base / name, base / name / "shm"
+        args = ["--checkpoint.enable", "--checkpoint.memory_interval", "1", "--checkpoint.memory_folder", str(shm),
+                *extra]
+        run(dump, args, stop_after=at)
+        kept = sorted(p.name for p in rank_folder(shm).glob("step-*"))
+        if name == "newer" and dist.get_rank() == 0:  # for the one-process restart in the test
+            shutil.copytree(rank_folder(shm) / "step-6", base / "stale-rank-0" / "step-6")
+        if change is not None:
+            on_rank1(change, shm)
+        resumed = run(dump, args)
+        got = full_state(resumed)
+        equal = got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+        results[name] = {"loaded": resumed.loaded_step, "kept": kept, "equal": equal,
+                         "ram_left": any(shm.iterdir())}
+    if dist.get_rank() == 0:
+        (base / "results.json").write_text(json.dumps({"results": results, "straight": losses(base / "straight"),
+                                                       "losses": {n: losses(base / n) for n in SCENARIOS}}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
