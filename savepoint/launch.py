@@ -28,6 +28,15 @@ worker exits: torchrun forks workers in its main thread (``LocalElasticAgent._st
 called by ``run``), which lives as long as the launcher, and ``main`` checks it runs there. A
 worker's checkpoint writer process dies with its worker (see ``savepoint.lifeline``). Workers (and
 their children) find the launcher's pid in ``SAVEPOINT_LAUNCHER_PID``.
+
+Restarts (``--max-restarts N``, ``MAX_RESTARTS`` of ``./run_train.sh``): when a worker fails,
+torchrun sends SIGTERM to every other worker's process group (their writer processes included),
+SIGKILLs what is left after 30 s, and starts a new worker group, which resumes from the newest
+checkpoint. This launcher prints one line saying which rank failed and which restart this is
+(``restarting_workers``). torchrun keeps one TCPStore server for the workers' process group
+across restarts and the workers' keys in it carry no restart number, so the new workers would
+find the dead group's gloo or NCCL addresses and wait for them until ``comm.init_timeout_seconds``
+runs out: the launcher gives each worker group a fresh store (``fresh_worker_store_every_round``).
 """
 
 from __future__ import annotations
@@ -40,8 +49,10 @@ from argparse import Namespace
 from pathlib import Path
 from types import FrameType
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 from torch.distributed.run import parse_args, run
 
 from savepoint import lifeline
@@ -112,6 +123,90 @@ def forward_sigterm_to_workers(args: Namespace) -> None:
     signal.signal(signal.SIGTERM, _forward_sigterm)
 
 
+def first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """(global rank, failure) of the worker that failed first.
+
+    torchrun stamps a failure with whole seconds, and records the workers it stopped itself (SIGTERM)
+    and those that failed because a peer died as failures too: within the same second, one killed by
+    another signal (SIGKILL: the OOM killer, a crash) comes first, then one that exited non-zero.
+    """
+    def key(item: tuple[int, ProcessFailure]) -> tuple[int, int, int]:
+        rank, failure = item
+        code = failure.exitcode
+        order = 0 if code < 0 and -code != signal.SIGTERM else 2 if code == -signal.SIGTERM else 1
+        return failure.timestamp, order, rank
+    return min(failures.items(), key=key)
+
+
+def describe_exit(failure: ProcessFailure) -> str:
+    """``exit code 3`` or ``killed by SIGKILL``."""
+    code = failure.exitcode
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def restarting_workers(agent: LocalElasticAgent, failures: dict[int, ProcessFailure]) -> str:
+    """The line printed when a failed worker group is restarted."""
+    spec = agent.get_worker_group().spec
+    restart = spec.max_restarts - agent._remaining_restarts  # already counted down for this restart
+    if not failures:
+        return f"savepoint: the workers failed; restarting every worker (restart {restart} of " \
+               f"{spec.max_restarts}); they resume from the newest checkpoint"
+    rank, failure = first_failure(failures)
+    return (f"savepoint: rank {rank} failed ({describe_exit(failure)}); restarting every worker (restart {restart} "
+            f"of {spec.max_restarts}); they resume from the newest checkpoint")
+
+
+def announce_restarts() -> None:
+    """Make torchrun's agent print ``restarting_workers`` before it restarts a failed worker group (once per
+    process). A restart because another node joined is not a failure: it prints nothing."""
+    if getattr(LocalElasticAgent._restart_workers, "savepoint_wrapped", False):
+        return
+    monitor, restart = LocalElasticAgent._monitor_workers, LocalElasticAgent._restart_workers
+
+    def _monitor_workers(self: LocalElasticAgent, worker_group):
+        result = monitor(self, worker_group)
+        self.savepoint_last_failures = result.failures
+        return result
+
+    def _restart_workers(self: LocalElasticAgent, worker_group) -> None:
+        from torch.distributed.elastic.agent.server.api import WorkerState
+        if worker_group.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            print(restarting_workers(self, getattr(self, "savepoint_last_failures", {})), file=sys.stderr,
+                  flush=True)
+        restart(self, worker_group)
+
+    _restart_workers.savepoint_wrapped = True  # type: ignore[attr-defined]
+    LocalElasticAgent._monitor_workers = _monitor_workers  # type: ignore[method-assign]
+    LocalElasticAgent._restart_workers = _restart_workers  # type: ignore[method-assign]
+
+
+def fresh_worker_store_every_round() -> None:
+    """Give every worker group a TCPStore server of its own (once per process; see the module doc).
+
+    ``DynamicRendezvousHandler`` (``--rdzv_backend c10d``) starts the workers' store on the first
+    rendezvous and hands the same one to every later group; forgetting it before the next round
+    makes node rank 0 start a new one (on a new port, which the other nodes read from the round's
+    rendezvous keys). The old server goes with the dead group.
+    """
+    original = DynamicRendezvousHandler.next_rendezvous
+    if getattr(original, "savepoint_wrapped", False):
+        return
+
+    def next_rendezvous(self: DynamicRendezvousHandler):
+        if getattr(self, "_bootstrap_store_info", None) is not None and hasattr(self, "_shared_tcp_store_server"):
+            self._shared_tcp_store_server = None
+            self._bootstrap_store_info = None
+        return original(self)
+
+    next_rendezvous.savepoint_wrapped = True  # type: ignore[attr-defined]
+    DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     nproc = args.nproc_per_node
@@ -123,16 +218,19 @@ def main(argv: list[str]) -> int:
     assert threading.current_thread() is threading.main_thread(), "savepoint.launch must run in the main thread"
     forward_sigterm_to_workers(args)
     die_with_launcher(args)
+    announce_restarts()
+    fresh_worker_store_every_round()
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = first_failure(e.failures) if e.failures else e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         shown = str(getattr(args, "local_ranks_filter", "") or "")
         hidden = shown and str(failure.local_rank) not in shown.split(",")
         where = (f"its output is not shown here (LOG_RANK={shown}): rerun with LOG_RANK={shown},{failure.local_rank} "
                  "to see its error" if hidden else "its error is above")
-        print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}; {where} "
+        after = f" after {args.max_restarts} restart(s), the most --max-restarts allows" if args.max_restarts else ""
+        print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}{after}; {where} "
               f"(rerun with SAVEPOINT_DEBUG=1 for a traceback)", file=sys.stderr)
         return code
     except RendezvousConnectionError:
