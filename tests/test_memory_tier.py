@@ -8,6 +8,7 @@ the RAM steps are known. Real SIGKILLs under torchrun are in test_restarts.py an
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -40,9 +41,18 @@ def memory_args(shm: Path, interval: int = 1, *more: str) -> list[str]:
     return [*DURABLE, "--checkpoint.memory_interval", str(interval), "--checkpoint.memory_folder", str(shm), *more]
 
 
+def keep_up(trainer: Trainer) -> Trainer:
+    """Make each RAM save finish before the next step's verdict, as a writer faster than a step would: the
+    debug model's steps take milliseconds, so due saves would otherwise be skipped (tested apart)."""
+    tier = trainer.checkpointer.memory
+    if tier is not None:
+        tier.idle = lambda: tier.saver.inflight is None or tier.saver.wait() is None or True
+    return trainer
+
+
 def crash(dump: Path, args: list[str], at: int) -> Trainer:
     """Train to step ``at`` and stop without closing: the RAM copies stay (the save in flight is committed)."""
-    trainer = Trainer(make_config(dump, *args))
+    trainer = keep_up(Trainer(make_config(dump, *args)))
     trainer.train(stop_after=at)
     if trainer.checkpointer.memory is not None:
         trainer.checkpointer.memory.finish()
@@ -51,7 +61,7 @@ def crash(dump: Path, args: list[str], at: int) -> Trainer:
 
 
 def finish(dump: Path, args: list[str]) -> Trainer:
-    trainer = Trainer(make_config(dump, *args))
+    trainer = keep_up(Trainer(make_config(dump, *args)))
     trainer.train()
     trainer.checkpointer.close()
     return trainer
@@ -223,3 +233,19 @@ def test_a_full_memory_folder_skips_saves_and_training_goes_on(straight, tmp_pat
     assert shutil.disk_usage(small_tmpfs).used < 1 << 20  # nothing written, nothing left
     assert_same_run(straight, dump, trainer, first=1)
     assert torch.equal(trainer.model.tok_embeddings.weight, straight[1].model.tok_embeddings.weight)
+
+
+def test_due_saves_are_skipped_while_one_is_written_and_training_is_not_held_up(straight, tmp_path, caplog):
+    """Steps of milliseconds, a RAM save of ~70 MB: most due saves find the one before still being written."""
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm, 1, "--training.steps", "20", "--checkpoint.interval", "100")
+    trainer = Trainer(make_config(dump, *args))
+    with caplog.at_level(logging.INFO):
+        trainer.train(stop_after=19)
+        trainer.checkpointer.memory.finish()
+        trainer.checkpointer.lock.release()
+    saved = [int(m) for m in re.findall(r"saved step (\d+) to memory", caplog.text)]
+    assert saved and len(saved) < 19, saved
+    assert caplog.text.count("skipped: some rank is still writing the one before") == 1
+    assert "due save(s) skipped while it was written" in caplog.text
+    assert rank_folder(shm).committed_steps() == saved[-2:]

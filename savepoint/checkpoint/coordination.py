@@ -91,11 +91,17 @@ class Coordinator:
 
     def all_and_any(self, all_value: bool, any_value: bool) -> tuple[bool, bool]:
         """(``all_value`` on every rank, ``any_value`` on some rank), in one collective."""
+        (every,), (some,) = self.verdicts([all_value], [any_value])
+        return every, some
+
+    def verdicts(self, all_values: list[bool], any_values: list[bool]) -> tuple[list[bool], list[bool]]:
+        """(each of ``all_values`` on every rank, each of ``any_values`` on some rank), in one collective."""
         if self.group is None:
-            return all_value, any_value
-        flags = torch.tensor([int(not all_value), int(any_value)])
+            return list(all_values), list(any_values)
+        flags = torch.tensor([int(not v) for v in all_values] + [int(v) for v in any_values])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return not flags[0].item(), bool(flags[1].item())
+        n = len(all_values)
+        return [not f for f in flags[:n].tolist()], [bool(f) for f in flags[n:].tolist()]
 
     def first_failure(self, error: BaseException | None) -> Failure | None:
         """None if no rank has an error; else the lowest failing rank's Failure, the same on every rank."""

@@ -130,46 +130,67 @@ class CheckpointManager:
             CheckpointError: the final save failed.
             FatalCheckpointError: no save can succeed (the ranks do not share a folder, the lock is lost).
         """
+        memory_due = False
         if last_step:
             self._logged(self.finish_inflight)
             self.save(step, last_step=True)
-        elif not self._logged(lambda: self.save(step)) and self.memory is not None:
+        else:
+            # A RAM save only when no durable save was started: the trainer copies its state once.
+            saved = self._logged(lambda: self.save(step))
+            memory_due = self.memory is not None and saved is not True and self.memory.due(step)
+        if self.memory is not None:
             self.memory.poll()
-            if self.memory.due(step):
-                self.memory.save(step)  # only when no durable save was started: the state is copied once
-        return more and self.check_stop(step, stop_requested)
+        if more:
+            return self.check_stop(step, stop_requested, memory_due)
+        if memory_due:  # training stops here without a final save (``stop_after``): as at any other step
+            self._memory_save(step, self._verdicts(False)[2])
+        return False
 
-    def check_stop(self, step: int, stop_requested: Callable[[int], bool]) -> bool:
-        """At ``step``, between steps: one collective carries two verdicts, whether the async save in
-        flight is written on every rank (then it is committed; a failure is logged) and whether
-        ``stop_requested(step)`` on some rank (it got SIGTERM). On SIGTERM, commit ``step`` (unless
-        just committed) and return True, the same on every rank.
+    def check_stop(self, step: int, stop_requested: Callable[[int], bool], memory_due: bool = False) -> bool:
+        """At ``step``, between steps: one collective carries three verdicts, whether the async save in
+        flight is written on every rank (then it is committed; a failure is logged), whether every
+        rank's in-memory save is written, and whether ``stop_requested(step)`` on some rank (it got
+        SIGTERM). On SIGTERM, commit ``step`` (unless just committed) and return True, the same on
+        every rank. Else, if ``memory_due``, start the in-memory save of ``step``, or skip it on every
+        rank when some rank is still writing the one before (so that all ranks hold the same steps).
 
         Raises:
             CheckpointError: the preemption save failed.
         """
-        commit, stop = self._verdicts(stop_requested(step))
+        commit, stop, memory_idle = self._verdicts(stop_requested(step))
         if commit:
             self._logged(self.finish_inflight)
         if stop:
             self._save_for_preemption(step)
+        elif memory_due:
+            self._memory_save(step, memory_idle)
         return stop
+
+    def _memory_save(self, step: int, every_rank_idle: bool) -> None:
+        assert self.memory is not None
+        if every_rank_idle:
+            self.memory.save(step)
+        else:
+            self.memory.skip(step)
 
     def poll(self, stop_requested: bool = False) -> bool:
         """Commit a finished async save (every rank finished writing), or raise its error; never blocks.
 
         Returns whether some rank passed ``stop_requested``, the same on every rank (one collective).
         """
-        commit, stop = self._verdicts(stop_requested)
+        commit, stop, _ = self._verdicts(stop_requested)
         if commit:
             self.finish_inflight()
         return stop
 
-    def _verdicts(self, stop_requested: bool) -> tuple[bool, bool]:
-        """(an async save is in flight and written on every rank, some rank passed ``stop_requested``)."""
+    def _verdicts(self, stop_requested: bool) -> tuple[bool, bool, bool]:
+        """(an async save is in flight and written on every rank, some rank passed ``stop_requested``,
+        no rank is still writing an in-memory save)."""
         inflight = self.saver is not None and self.saver.inflight is not None
-        done, stop = self.coord.all_and_any(not inflight or self.saver.done(), stop_requested)
-        return inflight and done, stop
+        memory_idle = self.memory is None or self.memory.idle()
+        (done, all_idle), (stop,) = self.coord.verdicts([not inflight or self.saver.done(), memory_idle],
+                                                        [stop_requested])
+        return inflight and done, stop, all_idle
 
     @staticmethod
     def _logged(save: Callable[[], T]) -> T | None:

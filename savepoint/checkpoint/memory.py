@@ -184,6 +184,8 @@ class MemoryTier:
         self.folder: CheckpointFolder | None = None
         self.run = ""
         self.short_of_space = False  # the last due save was skipped for want of space (warn once per episode)
+        self.skipped = 0  # due saves skipped while the save in flight is written
+        self.warned_slow = False
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -315,6 +317,20 @@ class MemoryTier:
     def due(self, step: int) -> bool:
         return self.cfg.memory_interval > 0 and step % self.cfg.memory_interval == 0
 
+    def idle(self) -> bool:
+        """No RAM save is being written (one may be written and not yet committed)."""
+        return self.saver.inflight is None or self.saver.done()
+
+    def skip(self, step: int) -> None:
+        """Some rank is still writing the previous RAM save: every rank skips ``step`` (training is not held up)."""
+        self.skipped += 1
+        if not self.warned_slow:
+            self.warned_slow = True
+            logger.warning("in-memory save of step %d skipped: some rank is still writing the one before (a RAM "
+                           "save takes longer than --checkpoint.memory_interval=%d step(s) here); due saves are "
+                           "skipped while one is written, and each saved step's log line counts them",
+                           step, self.cfg.memory_interval)
+
     def save(self, step: int) -> None:
         """Start this rank's RAM save of ``step`` (after committing the one before); never raises."""
         assert self.folder is not None
@@ -388,8 +404,10 @@ class MemoryTier:
                            "continues", step, self.rank, e)
             self.folder.abort(step)
             return
-        logger.info("saved step %d to memory (%s): %s", step, self.folder.step_dir(step),
-                    rate(folder_bytes(self.folder.step_dir(step)), time.perf_counter() - inflight.started))
+        skipped = f" ({self.skipped} due save(s) skipped while it was written)" if self.skipped else ""
+        self.skipped = 0
+        logger.info("saved step %d to memory (%s): %s%s", step, self.folder.step_dir(step),
+                    rate(folder_bytes(self.folder.step_dir(step)), time.perf_counter() - inflight.started), skipped)
 
     def _manifest(self, step: int, staging: Path) -> dict[str, Any]:
         checksums = collect_checksums(staging)  # first: it removes the writer's sidecars
