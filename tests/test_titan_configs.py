@@ -97,8 +97,9 @@ def test_refused_keys_pass_once_set_back(tmp_path: Path) -> None:
     assert cfg.quantize.linear.float8.enable_fsdp_float8_all_gather is True  # read only with a converter
 
 
-# The file's 10 steps of 8 x 2048 tokens take minutes on a CI CPU; 2 steps run the same job.
-STEPS = ["--training.steps", "2"]
+# The file's 10 steps of 8 x 2048 tokens take minutes on a CI CPU (half a minute each); one step runs
+# the same job: its model, data, activation checkpointing, loss, backward pass and optimizer step.
+STEPS = ["--training.steps", "1"]
 MISSING = [p for p in ("tests/assets/tokenizer/tokenizer.json", "savepoint/data/assets/c4_test")
            if not (ROOT / p).exists()]
 
@@ -113,7 +114,7 @@ def test_debug_config_trains_as_is_through_run_train(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trained = losses(dump)
-    assert sorted(trained) == [1, 2]
+    assert sorted(trained) == [1]
     assert all(loss > 0 for loss in trained.values())
     assert "activation checkpointing (selective)" in proc.stdout + proc.stderr  # the file's own setting
 
