@@ -89,15 +89,22 @@ SCENARIOS = {
     "rank1_lost_newest": ([], 7, lambda shm: shutil.rmtree(rank_folder(shm) / "step-7")),
     "rank1_damaged": ([], 6, lambda shm: [damage(p) for p in sorted(rank_folder(shm).glob("step-*"))]),
     "rank1_rebooted": ([], 6, lambda shm: shutil.rmtree(rank_folder(shm))),
+    "tp": (["--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None),
+    "pp": (["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None),
 }
+# Layouts other than FSDP(2) compare with an uninterrupted run of their own.
+OWN_LAYOUT = ("tp", "pp")
 
 
 def main(base: Path) -> None:
     init_distributed(Comm())
     straight = run(base / "straight", ["--checkpoint.enable"])
-    expected = full_state(straight)
+    fsdp_state = full_state(straight)
     results: dict[str, dict] = {}
     for name, (extra, at, change) in SCENARIOS.items():
+        expected = fsdp_state
+        if name in OWN_LAYOUT:
+            expected = full_state(run(base / f"straight-{name}", ["--checkpoint.enable", *extra]))
         dump, shm = base / name, base / name / "shm"
         args = ["--checkpoint.enable", "--checkpoint.memory_interval", "1", "--checkpoint.memory_folder", str(shm),
                 *extra]
@@ -116,7 +123,9 @@ def main(base: Path) -> None:
                          "equal": equal,
                          "ram_left": any(shm.iterdir())}
     if dist.get_rank() == 0:
+        straights = {n: losses(base / f"straight-{n}") for n in OWN_LAYOUT}
         (base / "results.json").write_text(json.dumps({"results": results, "straight": losses(base / "straight"),
+                                                       "straights": straights,
                                                        "losses": {n: losses(base / n) for n in SCENARIOS}}))
     dist.barrier()
     dist.destroy_process_group()

@@ -38,13 +38,15 @@ def results(tmp_path_factory) -> dict:
     ("rank1_lost_newest", 6, ["step-6", "step-7"]),  # rank 1 died writing step 7: both load step 6
     ("rank1_damaged", 4, ["step-5", "step-6"]),  # rank 1's copies fail their checksums: both load disk
     ("rank1_rebooted", 4, ["step-5", "step-6"]),  # rank 1's node lost its RAM: both load disk
+    ("tp", 6, ["step-5", "step-6"]),  # TP(2): each rank saves its tensor-parallel shards
+    ("pp", 6, ["step-5", "step-6"]),  # PP(2): each rank saves its stage
 ])
 def test_restart_loads_the_newest_step_every_rank_has(results, scenario, loaded, kept):
     got = results["results"][scenario]
     assert got["kept"] == kept and got["same_on_every_rank"]
     assert got["loaded"] == loaded
     assert got["equal"], "the final model and optimizer differ from the uninterrupted run's"
-    expected, losses = results["straight"], results["losses"][scenario]
+    expected, losses = results["straights"].get(scenario, results["straight"]), results["losses"][scenario]
     assert [losses[str(s)] for s in range(1, STEPS + 1)] == [expected[str(s)] for s in range(1, STEPS + 1)]
     assert not got["ram_left"], "a job that ended cleanly leaves no RAM copy behind"
 
@@ -60,7 +62,7 @@ def test_ranks_skip_the_same_due_saves_when_the_writer_falls_behind(results):
 def test_fallbacks_are_logged(results):
     assert "the in-memory checkpoint of step 6 cannot be used" in results["log"]
     assert "rank(s) 1 do not have it" in results["log"]
-    assert len(SCENARIOS) == 7
+    assert len(SCENARIOS) == 9
 
 
 def test_a_restart_at_another_layout_ignores_the_ram_copies(results, tmp_path, caplog):
