@@ -207,6 +207,20 @@ def fresh_worker_store_every_round() -> None:
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
 
 
+def failed_summary(args: Namespace, rank: int, failure: ProcessFailure) -> str:
+    """The launcher's last line when the job failed (and no restart is left)."""
+    after = f" after {args.max_restarts} restart(s), the most --max-restarts allows" if args.max_restarts else ""
+    if failure.exitcode < 0:  # killed by a signal: the process could print nothing
+        oom = " (often the kernel's out-of-memory killer: see dmesg)" if -failure.exitcode == signal.SIGKILL else ""
+        return f"savepoint: rank {rank} failed: {describe_exit(failure)}{oom}{after}"
+    shown = str(getattr(args, "local_ranks_filter", "") or "")
+    hidden = shown and str(failure.local_rank) not in shown.split(",")
+    where = (f"its output is not shown here (LOG_RANK={shown}): rerun with LOG_RANK={shown},{failure.local_rank} "
+             "to see its error" if hidden else "its error is above")
+    return (f"savepoint: rank {rank} failed with exit code {failure.exitcode}{after}; {where} "
+            "(rerun with SAVEPOINT_DEBUG=1 for a traceback)")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     nproc = args.nproc_per_node
@@ -225,13 +239,7 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         rank, failure = first_failure(e.failures) if e.failures else e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        shown = str(getattr(args, "local_ranks_filter", "") or "")
-        hidden = shown and str(failure.local_rank) not in shown.split(",")
-        where = (f"its output is not shown here (LOG_RANK={shown}): rerun with LOG_RANK={shown},{failure.local_rank} "
-                 "to see its error" if hidden else "its error is above")
-        after = f" after {args.max_restarts} restart(s), the most --max-restarts allows" if args.max_restarts else ""
-        print(f"savepoint: rank {rank} failed with exit code {failure.exitcode}{after}; {where} "
-              f"(rerun with SAVEPOINT_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(failed_summary(args, rank, failure), file=sys.stderr)
         return code
     except RendezvousConnectionError:
         # Another node's job failed and the node hosting the rendezvous store (node_rank 0) exited:

@@ -31,13 +31,19 @@ class JobSpec:
     world_size: int = 1
     pp: int = 1  # pipeline-parallel degree (dividing world_size); data parallelism takes the rest
     pp_schedule: str = "Interleaved1F1B"
+    max_restarts: int = 0  # torchrun's --max-restarts (the launcher targets)
+    memory_interval: int = 0  # --checkpoint.memory_interval (0: no in-memory tier)
 
     def argv(self, dump_folder: Path) -> list[str]:
         pipeline = () if self.pp == 1 else (
             "--parallelism.pipeline_parallel_degree", str(self.pp),
             "--parallelism.pipeline_parallel_schedule", self.pp_schedule)
+        memory = () if not self.memory_interval else (
+            "--checkpoint.memory_interval", str(self.memory_interval),
+            "--checkpoint.memory_folder", str(memory_folder(dump_folder)))
         return job_argv(dump_folder, steps=self.steps, keep=self.keep, warmup_steps=2, interval=self.interval,
-                        extra=("--lr_scheduler.decay_ratio", "0.5", "--checkpoint.async_mode", self.mode, *pipeline))
+                        extra=("--lr_scheduler.decay_ratio", "0.5", "--checkpoint.async_mode", self.mode, *pipeline,
+                               *memory))
 
     def layout_problem(self, step_dir: Path) -> str | None:
         """Why the layout ``step_dir``'s manifest records is not this job's (world size, PP degree), or None."""
@@ -60,6 +66,14 @@ class JobSpec:
 
 def checkpoint_root(dump: Path) -> Path:
     return dump / "checkpoint"
+
+
+MEMORY_ROOT = Path("/dev/shm/savepoint-trials")
+
+
+def memory_folder(dump: Path) -> Path:
+    """The job's ``--checkpoint.memory_folder`` (in RAM, one per job folder; removed with the trial)."""
+    return MEMORY_ROOT / dump.name
 
 
 @dataclass
@@ -184,6 +198,7 @@ class TrialResult:
     def close(self, keep_failed: bool) -> TrialResult:
         """Stop the clock; remove the trial's folder unless it failed and ``keep_failed``."""
         self.wall_s = time.monotonic() - self.started
+        shutil.rmtree(memory_folder(self.dump), ignore_errors=True)  # RAM: never kept
         if self.outcome == "ok" or not keep_failed:
             shutil.rmtree(self.dump, ignore_errors=True)
         else:

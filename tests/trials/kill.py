@@ -6,6 +6,8 @@ Run from the repository root with the project's interpreter (``scripts/bootstrap
     .venv/bin/python -m tests.trials.kill --trials 60 --seed 0 --mode all --world-size 2
     .venv/bin/python -m tests.trials.kill --trials 30 --target launcher --world-size 2 --mode all
     .venv/bin/python -m tests.trials.kill --trials 30 --world-size 2 --pp 2 --mode all      # 2 pipeline stages
+    .venv/bin/python -m tests.trials.kill --trials 30 --target worker --world-size 2 --mode all
+    .venv/bin/python -m tests.trials.kill --trials 30 --target worker --world-size 2 --memory-interval 1
 
 ``--pp 2`` runs the job with pipeline parallelism (``--pp-schedule``, Interleaved1F1B by default:
 two stages per rank); the world size must be a multiple of it. ``--help`` lists every option.
@@ -15,7 +17,11 @@ The exit status is 1 if any trial went wrong; ``--json FILE`` also writes the co
 ``--target job`` (the default, ``tests.trials.forked``) forks the job's ranks and kills their
 process group; ``--target launcher`` (``tests.trials.launcher``) kills the launcher (torchrun, as
 ``./run_train.sh`` runs it) or its process group instead, and then also requires every process of
-the job gone within 2 s.
+the job gone within 2 s. ``--target worker`` (``tests.trials.restart``) runs the job through the
+launcher with torchrun restarts (``--max-restarts``, by default one per kill) and SIGKILLs one worker
+(a random rank) instead: the job must then finish by itself, exit 0, with every loss bit-identical
+to the reference run's (see that module). ``--memory-interval K`` gives the job the in-memory tier
+(``--checkpoint.memory_interval K``), so restarts may resume from RAM.
 
 Each trial trains the ``debugmodel`` (tiny batches, a checkpoint every ``--interval`` steps,
 ``keep_latest_k=2`` so retention deletes steps, full final save) in a fresh folder, kills the whole
@@ -69,6 +75,7 @@ from tests.trials.common import finish, quiet_log
 from tests.trials.forked import reference_run, run_trial
 from tests.trials.job import MODES, JobSpec, Reference, TrialResult
 from tests.trials.launcher import SURVIVOR_GRACE_S, launcher_reference_run, run_launcher_trial
+from tests.trials.restart import run_worker_trial
 
 OUTCOMES = ("ok", "corrupt", "unloadable", "wrong_step", "mismatch", "leftover", "survivor", "harness")
 
@@ -103,7 +110,12 @@ class Summary:
         if not kills and not any(r.restarts for r in self.results):
             return None
         gone = sorted(k["gone_s"] for k in kills if not k["survivors"])
-        return {"kills": len(kills), "by_kind": dict(Counter(k["how"] for k in kills)),
+        first = sorted(k["first_step_s"] for k in kills if k.get("first_step_s") is not None)
+        return {"first_step_s_median": statistics.median(first) if first else None,
+                "first_step_s_max": first[-1] if first else None,
+                "from_memory": sum(1 for k in kills if k.get("memory") is not None and k.get("expected") == k["memory"]
+                                   and k["memory"] != k.get("durable")),
+                "kills": len(kills), "by_kind": dict(Counter(k["how"] for k in kills)),
                 "kills_with_survivors": sum(1 for k in kills if k["survivors"]),
                 "survivors": sum(k["survivors"] for k in kills),
                 "gone_s_median": statistics.median(gone) if gone else None, "gone_s_max": gone[-1] if gone else None,
@@ -140,6 +152,13 @@ def _launcher_line(launcher: dict) -> str:
     gone = "" if launcher["gone_s_max"] is None else (
         f"; job gone {launcher['gone_s_median']:.3f} s after the kill (median), {launcher['gone_s_max']:.3f} s max")
     kinds = ", ".join(f"{k} {v}" for k, v in launcher["by_kind"].items())
+    if launcher["by_kind"].get("worker"):
+        first = "" if launcher["first_step_s_max"] is None else (
+            f"; kill to the restarted job's first step {launcher['first_step_s_median']:.2f} s (median), "
+            f"{launcher['first_step_s_max']:.2f} s max")
+        return (f"worker kills: {launcher['kills']}; restarts from the in-memory tier {launcher['from_memory']}; "
+                f"failed group stopped {launcher['gone_s_median']:.3f} s after the kill (median){first}; jobs that "
+                "finished: " + ", ".join(f"{k} {v}" for k, v in launcher["restarts"].items()))
     return (f"launcher kills: {launcher['kills']} ({kinds}); kills leaving survivors after {SURVIVOR_GRACE_S:.0f} s: "
             f"{launcher['kills_with_survivors']} ({launcher['survivors']} processes){gone}; restarts that ran to "
             "the end: " + ", ".join(f"{k} {v}" for k, v in launcher["restarts"].items()))
@@ -203,7 +222,7 @@ class Campaign:
 
     def run(self, i: int) -> TrialResult:
         mode = self.modes[i % len(self.modes)]
-        trial = run_launcher_trial if self.target == "launcher" else run_trial
+        trial = {"launcher": run_launcher_trial, "worker": run_worker_trial}.get(self.target, run_trial)
         return trial(i, self.specs[mode], self.refs[mode], _trial_rng(self.seed, i), self.work, self.kills_per_trial)
 
     def note(self, result: TrialResult, head: str) -> None:
@@ -257,12 +276,15 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
                steps: int = 6, interval: int = 1, keep: int = 2, kills_per_trial: int = 1,
                workdir: str | Path | None = None, progress: bool = False, jobs: int = 1,
                warmup: bool = True, target: str = "job", pp: int = 1,
-               pp_schedule: str = "Interleaved1F1B") -> Summary:
+               pp_schedule: str = "Interleaved1F1B", memory_interval: int = 0,
+               max_restarts: int | None = None) -> Summary:
     """Run ``trials`` kill trials, spread round-robin over ``modes``, ``jobs`` at a time; returns the summary.
 
     ``target``: ``job`` kills the forked ranks' process group; ``launcher`` runs each job through
     ``savepoint.launch`` (torchrun) and kills the launcher or its group (see ``tests.trials.launcher``).
     ``pp``: the job's pipeline-parallel degree (a divisor of ``world_size``), run with ``pp_schedule``.
+    ``worker`` kills one worker of a job torchrun restarts (``max_restarts``, default ``kills_per_trial``; see
+    ``tests.trials.restart``); ``memory_interval`` gives the job the in-memory tier.
     """
     if world_size % pp:
         raise ValueError(f"pp={pp} does not divide world_size={world_size}")
@@ -272,11 +294,13 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
     work.mkdir(parents=True, exist_ok=True)
     results: list[TrialResult] = []
     try:
-        launcher = target == "launcher"
+        launcher = target in ("launcher", "worker")
         if warmup and not launcher:
             warm_up(work)
+        restarts = (kills_per_trial if max_restarts is None else max_restarts) if target == "worker" else 0
         specs = {m: JobSpec(mode=m, steps=steps, interval=interval, keep=keep, world_size=world_size, pp=pp,
-                            pp_schedule=pp_schedule) for m in modes}
+                            pp_schedule=pp_schedule, max_restarts=restarts, memory_interval=memory_interval)
+                 for m in modes}
         refs = {m: (launcher_reference_run if launcher else reference_run)(specs[m], work) for m in modes}
         campaign = Campaign(specs, refs, modes, seed, work, kills_per_trial, target, started, progress)
         if jobs > 1:
@@ -290,7 +314,8 @@ def run_trials(trials: int, seed: int = 0, modes: tuple[str, ...] = MODES, world
     finally:
         if own_workdir and not any(r.outcome != "ok" for r in results):
             shutil.rmtree(work, ignore_errors=True)
-    layout = {"world_size": world_size, "pp": pp, "pp_schedule": pp_schedule if pp > 1 else None}
+    layout = {"world_size": world_size, "pp": pp, "pp_schedule": pp_schedule if pp > 1 else None,
+              "memory_interval": memory_interval}
     return Summary(results, time.monotonic() - started, refs, layout)
 
 
@@ -321,10 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=int, default=1, help="checkpoint.interval (default 1)")
     p.add_argument("--keep", type=int, default=2, help="checkpoint.keep_latest_k (default 2)")
     p.add_argument("--kills-per-trial", type=int, default=1)
-    p.add_argument("--target", choices=("job", "launcher"), default="job",
+    p.add_argument("--target", choices=("job", "launcher", "worker"), default="job",
                    help="job: fork the ranks and SIGKILL their process group (default); launcher: run each job "
                         "through savepoint.launch (torchrun, as ./run_train.sh does) and SIGKILL the launcher or "
-                        "its process group, then require every process of the job gone within 2 s")
+                        "its process group, then require every process of the job gone within 2 s; worker: run "
+                        "each job through savepoint.launch with torchrun restarts and SIGKILL one worker, then "
+                        "require the job to finish by itself, bit-exact")
+    p.add_argument("--memory-interval", type=int, default=0, metavar="K",
+                   help="--checkpoint.memory_interval of the job (default 0: no in-memory tier)")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="--target worker: torchrun's --max-restarts (default: --kills-per-trial)")
     p.add_argument("--jobs", type=int, default=1, help="trials run at a time (forked workers; default 1)")
     p.add_argument("--no-warmup", action="store_true",
                    help="do not warm up the harness process before forking (each run then starts ~1 s slower)")
@@ -336,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.mode
     summary = run_trials(args.trials, args.seed, modes, args.world_size, args.steps, args.interval, args.keep,
                          args.kills_per_trial, args.workdir, progress=True, jobs=args.jobs,
-                         warmup=not args.no_warmup, target=args.target, pp=args.pp, pp_schedule=args.pp_schedule)
+                         warmup=not args.no_warmup, target=args.target, pp=args.pp, pp_schedule=args.pp_schedule,
+                         memory_interval=args.memory_interval, max_restarts=args.max_restarts)
     return finish(summary.report(), summary.as_json(), args.json, bool(summary.bad))
 
 

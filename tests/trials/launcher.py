@@ -26,7 +26,15 @@ from pathlib import Path
 
 from tests.trials.common import ROOT
 from tests.trials.folder import classify_phase
-from tests.trials.job import RUN_TIMEOUT_S, JobSpec, Reference, TrialResult, checkpoint_root, reference_losses
+from tests.trials.job import (
+    RUN_TIMEOUT_S,
+    JobSpec,
+    Reference,
+    TrialResult,
+    checkpoint_root,
+    memory_folder,
+    reference_losses,
+)
 
 SURVIVOR_GRACE_S = 2.0
 LAUNCHER_KILLS = ("pid", "group")
@@ -35,8 +43,8 @@ LAUNCHER_KILLS = ("pid", "group")
 def launcher_command(spec: JobSpec, dump: Path) -> list[str]:
     """The command ``./run_train.sh`` execs (NGPU = the world size), training ``spec`` in ``dump``."""
     return [sys.executable, "-m", "savepoint.launch", f"--nproc_per_node={spec.world_size}", "--rdzv_backend",
-            "c10d", "--rdzv_endpoint=localhost:0", "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
-            "-m", "savepoint", "train", *spec.argv(dump)]
+            "c10d", "--rdzv_endpoint=localhost:0", "--max-restarts", str(spec.max_restarts), "--local-ranks-filter",
+            "0", "--role", "rank", "--tee", "3", "-m", "savepoint", "train", *spec.argv(dump)]
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -213,6 +221,7 @@ def launcher_reference_run(spec: JobSpec, workdir: Path) -> Reference:
         return Reference(losses, wall, first_metrics or wall / 2, spec.steps)
     finally:
         shutil.rmtree(dump, ignore_errors=True)
+        shutil.rmtree(memory_folder(dump), ignore_errors=True)
 
 
 def _kill_and_watch(result: TrialResult, run: LauncherRun, root: Path, segment: int, how: str) -> str:
