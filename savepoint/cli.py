@@ -106,6 +106,10 @@ def _one_path(argv: list[str], command: str) -> str | None:
         return None
     if len(argv) != 1:
         raise SavepointError(f"{usage} (one path, got {len(argv)} arguments)")
+    from savepoint.config.problems import url_problem
+
+    for line in url_problem(f"savepoint {command}", argv[0], sep=" "):
+        raise SavepointError(line)
     return argv[0]
 
 

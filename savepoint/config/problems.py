@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Any
 
 # torch's generators take 64-bit seeds and the data order seeds each epoch with seed * 1_000_003 + epoch;
 # a 32-bit seed leaves room for every epoch (and is what most tools call a seed).
 MAX_SEED = 2**32 - 1
+
+
+URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_problem(flag: str, value: str | None, sep: str = "=") -> list[str]:
+    """One problem if ``value`` is a URL (``s3://bucket/prefix``): savepoint reads and writes file paths only.
+
+    Without this a URL would be taken as a relative path: ``s3://ckpt/run`` becomes a local folder
+    ``s3:/ckpt/run`` and nothing reaches the object store.
+    """
+    if not value or not URL_RE.match(value.strip()):
+        return []
+    scheme = value.strip().split("://", 1)[0]
+    return [f"{flag}{sep}{value}: {scheme}:// URLs (object storage) are not supported yet; savepoint reads and "
+            "writes local and shared-filesystem paths only: give a path, e.g. a filesystem every node mounts"]
 
 
 def need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:

@@ -24,7 +24,7 @@ from savepoint.config.job_config import (
     Training,
 )
 from savepoint.config.layout import seed_checkpoint_problems
-from savepoint.config.problems import MAX_SEED, need, one_of
+from savepoint.config.problems import MAX_SEED, need, one_of, url_problem
 from savepoint.config.titan import titan_problems
 from savepoint.dtypes import FLOAT_DTYPES
 from savepoint.pipeline_plan import schedule_problems
@@ -249,6 +249,18 @@ def _ac_compile_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def _path_problems(cfg: JobConfig) -> list[str]:
+    """Every path option is a path, not a URL; the dump folder can be created."""
+    paths = {"--job.dump_folder": cfg.job.dump_folder, "--checkpoint.folder": cfg.checkpoint.folder,
+             "--checkpoint.initial_load_path": cfg.checkpoint.initial_load_path,
+             "--checkpoint.memory_folder": cfg.checkpoint.memory_folder,
+             "--model.hf_assets_path": cfg.model.hf_assets_path, "--training.dataset_path": cfg.training.dataset_path}
+    problems = [line for flag, value in paths.items() for line in url_problem(flag, value)]
+    if not url_problem("--job.dump_folder", cfg.job.dump_folder):
+        problems += dump_folder_problems(cfg.job.dump_folder)
+    return problems
+
+
 def validate(cfg: JobConfig) -> list[str]:
     """Return every semantic problem in ``cfg``; normalise values in place.
 
@@ -260,7 +272,7 @@ def validate(cfg: JobConfig) -> list[str]:
     return (
         _checkpoint_problems(cfg.checkpoint)
         + _model_problems(cfg.model)
-        + dump_folder_problems(cfg.job.dump_folder)
+        + _path_problems(cfg)
         + _training_problems(cfg.training)
         + _optimizer_problems(cfg.optimizer)
         + _lr_scheduler_problems(cfg.lr_scheduler)

@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from savepoint.config.problems import url_problem
 from savepoint.convert.dcp_hf import KEEP, convert_from_hf, convert_to_hf
 from savepoint.convert.flavors import DEFAULT_FLAVOR, MODEL_NAMES, recorded_flavor, step_flavor
 from savepoint.dtypes import FLOAT_DTYPES
@@ -86,6 +87,11 @@ def run(argv: list[str], prog: str | None = None) -> Path:
         raise SavepointError("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]")
     direction = argv[0]
     ns = build_parser(direction, prog).parse_args(argv[1:])
+    urls = [*url_problem(f"{direction}: input", ns.input_dir, " "),
+            *url_problem(f"{direction}: output", ns.output_dir, " "),
+            *url_problem("--hf_assets_path", getattr(ns, "hf_assets_path", None))]
+    if urls:
+        raise ConfigError(urls)
     try:
         if direction == "from_hf":
             out = convert_from_hf(ns.input_dir, ns.output_dir, ns.model_flavor, dtype=ns.dtype)
