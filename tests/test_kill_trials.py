@@ -102,6 +102,28 @@ def test_launcher_kill_trials(tmp_path, trials, seed, mode, min_kills, timeout):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize(("trials", "seed", "mode", "memory", "min_kills", "timeout"), [
+    pytest.param(2, 0, "async_with_pinned_mem", 1, 1, 900, id="2-trials"),  # a run may end before its kill
+    pytest.param(30, 0, "all", 0, 20, 3 * 3600, id="30-trials", marks=pytest.mark.slow),
+    pytest.param(30, 1, "all", 1, 20, 3 * 3600, id="30-trials-memory", marks=pytest.mark.slow),
+])
+def test_worker_kill_trials(tmp_path, trials, seed, mode, memory, min_kills, timeout):
+    """SIGKILL one worker (a random rank) of a two-rank job that torchrun restarts (--max-restarts 1), with
+    the in-memory tier or without: every job finishes by itself with exit 0, bit-identical losses, the
+    restart trained from the newest step every rank held, the folder sound, no process left."""
+    summary, proc = _campaign(tmp_path, ["--trials", str(trials), "--seed", str(seed), "--mode", mode,
+                                         "--world-size", "2", "--steps", "4", "--target", "worker",
+                                         "--memory-interval", str(memory)], timeout)
+    assert summary["trials"] == trials and summary["layout"]["memory_interval"] == memory
+    assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
+    launcher = summary["launcher"]
+    assert launcher["kills"] >= min_kills and launcher["by_kind"] == {"worker": launcher["kills"]}, launcher
+    assert launcher["restarts"] == {"ok": trials}, launcher  # every job, killed or not, finished with exit 0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^worker kills: \d+; restarts from the in-memory tier \d+", proc.stdout, re.MULTILINE), \
+        proc.stdout[-3000:]
+
+
 def test_folder_reading_and_phases(tmp_path):
     root = tmp_path / "checkpoint"
     for name, files in {"step-2": [DCP_MARKER], "step-3": [], ".step-4.replaced": [DCP_MARKER],

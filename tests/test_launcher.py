@@ -208,3 +208,55 @@ def test_a_failed_rank_whose_output_is_hidden_is_named_with_how_to_see_it(tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         "savepoint: rank 1 failed with exit code 3; its output is not shown here (LOG_RANK=0): rerun with "
         "LOG_RANK=0,1 to see its error (rerun with SAVEPOINT_DEBUG=1 for a traceback)")
+
+
+def test_a_restarted_worker_group_joins_a_fresh_process_group_and_the_restart_is_one_line(tmp_path):
+    """--max-restarts 1: rank 1 fails after the group's first collectives; the launcher names it and the restart
+    in one line, and the new group joins its process group. (Plain torchrun 2.13 hands the new group the store of
+    the dead one, where it finds the dead group's gloo addresses: after a new_group, as savepoint's device mesh
+    makes, its rank 0 fails with "connectFullMesh failed ... Connection refused", or waits for them until the
+    init timeout.)"""
+    script = tmp_path / "fail_once.py"
+    script.write_text("import datetime, os, sys\n"
+                      "import torch, torch.distributed as dist\n"
+                      "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+                      "t = torch.ones(1)\n"
+                      "dist.all_reduce(t, group=dist.new_group([0, 1]))\n"
+                      "attempt = os.environ['TORCHELASTIC_RESTART_COUNT']\n"
+                      "print(f'rank {dist.get_rank()} attempt {attempt} sum {t.item():g}', flush=True)\n"
+                      "if attempt == '0' and dist.get_rank() == 1:\n"
+                      "    os._exit(3)\n"
+                      "dist.barrier() if attempt != '0' else None\n"
+                      "dist.destroy_process_group()\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "savepoint.launch", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+         "--rdzv_endpoint", "localhost:0", "--max-restarts", "1", "--monitor-interval", "0.1", "--tee", "3",
+         str(script)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
+    took = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("savepoint:")]
+    assert lines == ["savepoint: rank 1 failed (exit code 3); restarting every worker (restart 1 of 1); they "
+                     "resume from the newest checkpoint"], out[-3000:]
+    assert "rank 0 attempt 1 sum 2" in out and "rank 1 attempt 1 sum 2" in out, out[-3000:]
+    assert took < 20 + 60, f"the restarted group waited for its process group ({took:.0f} s)"
+
+
+def test_the_first_failure_is_the_one_that_caused_the_others():
+    """torchrun stamps failures in whole seconds and records the workers it stopped itself too: within a
+    second, a kill by a signal other than SIGTERM comes first, then a non-zero exit, then SIGTERM."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, code: int, when: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+        f.timestamp = when
+        return f
+
+    same_second = {0: failure(0, 1, 50), 1: failure(1, -signal.SIGKILL, 50), 2: failure(2, -signal.SIGTERM, 50)}
+    assert launch.first_failure(same_second)[0] == 1
+    assert launch.first_failure({0: failure(0, -signal.SIGTERM, 50), 1: failure(1, 1, 50)})[0] == 1
+    assert launch.first_failure({0: failure(0, 1, 49), 1: failure(1, -signal.SIGKILL, 50)})[0] == 0
+    assert launch.describe_exit(failure(0, -signal.SIGKILL, 1)) == "killed by SIGKILL"
+    assert launch.describe_exit(failure(0, 3, 1)) == "exit code 3"
