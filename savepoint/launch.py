@@ -33,10 +33,12 @@ Restarts (``--max-restarts N``, ``MAX_RESTARTS`` of ``./run_train.sh``): when a 
 torchrun sends SIGTERM to every other worker's process group (their writer processes included),
 SIGKILLs what is left after 30 s, and starts a new worker group, which resumes from the newest
 checkpoint. This launcher prints one line saying which rank failed and which restart this is
-(``restarting_workers``). torchrun keeps one TCPStore server for the workers' process group
-across restarts and the workers' keys in it carry no restart number, so the new workers would
-find the dead group's gloo or NCCL addresses and wait for them until ``comm.init_timeout_seconds``
-runs out: the launcher gives each worker group a fresh store (``fresh_worker_store_every_round``).
+(``restarting_workers``); after a SIGTERM (a preemption: the node is going away) it restarts
+nothing, so a worker that failed to save then ends the job. torchrun keeps one TCPStore server
+for the workers' process group across restarts and the workers' keys in it carry no restart
+number, so the new workers would find the dead group's gloo or NCCL addresses: they fail to
+connect, or wait for them until ``comm.init_timeout_seconds`` runs out. So the launcher gives each
+worker group a fresh store (``fresh_worker_store_every_round``).
 """
 
 from __future__ import annotations
@@ -99,7 +101,13 @@ def die_with_launcher(args: Namespace) -> None:
     args.training_script_args = ["-I", "-S", lifeline.__file__, str(os.getpid()), *worker, *args.training_script_args]
 
 
+# Set once SIGTERM came: the job is being preempted, and a worker failing now is not restarted.
+PREEMPTED = threading.Event()
+RESTARTS = [0]  # how many times this launcher restarted a failed worker group
+
+
 def _forward_sigterm(signum: int, frame: FrameType | None) -> None:
+    PREEMPTED.set()
     pids = _worker_pids()
     if not pids:
         # Waiting in rendezvous (or between worker groups): nothing runs that could save, and torchrun
@@ -163,7 +171,8 @@ def restarting_workers(agent: LocalElasticAgent, failures: dict[int, ProcessFail
 
 def announce_restarts() -> None:
     """Make torchrun's agent print ``restarting_workers`` before it restarts a failed worker group (once per
-    process). A restart because another node joined is not a failure: it prints nothing."""
+    process). A restart because another node joined is not a failure: it prints nothing. After SIGTERM (a
+    preemption) a failed worker group is not restarted: the job ends with its failure."""
     if getattr(LocalElasticAgent._restart_workers, "savepoint_wrapped", False):
         return
     monitor, restart = LocalElasticAgent._monitor_workers, LocalElasticAgent._restart_workers
@@ -171,6 +180,8 @@ def announce_restarts() -> None:
     def _monitor_workers(self: LocalElasticAgent, worker_group):
         result = monitor(self, worker_group)
         self.savepoint_last_failures = result.failures
+        if PREEMPTED.is_set() and result.failures:
+            self._remaining_restarts = 0  # preempted: the node is going away; a restart would only be killed
         return result
 
     def _restart_workers(self: LocalElasticAgent, worker_group) -> None:
@@ -178,6 +189,7 @@ def announce_restarts() -> None:
         if worker_group.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             print(restarting_workers(self, getattr(self, "savepoint_last_failures", {})), file=sys.stderr,
                   flush=True)
+            RESTARTS[0] += 1
         restart(self, worker_group)
 
     _restart_workers.savepoint_wrapped = True  # type: ignore[attr-defined]
@@ -209,7 +221,12 @@ def fresh_worker_store_every_round() -> None:
 
 def failed_summary(args: Namespace, rank: int, failure: ProcessFailure) -> str:
     """The launcher's last line when the job failed (and no restart is left)."""
-    after = f" after {args.max_restarts} restart(s), the most --max-restarts allows" if args.max_restarts else ""
+    after = ""
+    if RESTARTS[0]:
+        most = ", the most --max-restarts allows" if RESTARTS[0] >= args.max_restarts else ""
+        after = f" after {RESTARTS[0]} restart(s){most}"
+    if PREEMPTED.is_set() and args.max_restarts:
+        after += " (after SIGTERM, so not restarted)"
     if failure.exitcode < 0:  # killed by a signal: the process could print nothing
         oom = " (often the kernel's out-of-memory killer: see dmesg)" if -failure.exitcode == signal.SIGKILL else ""
         return f"savepoint: rank {rank} failed: {describe_exit(failure)}{oom}{after}"

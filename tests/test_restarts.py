@@ -152,3 +152,20 @@ def test_a_bad_max_restarts_is_refused_with_one_line(tmp_path):
             f"error: MAX_RESTARTS={bad}: give how many times a failed job restarts its workers (a whole number, 0 "
             "or more), e.g. MAX_RESTARTS=3 ./run_train.sh, or leave it unset for 0 (no restart)"], proc.stderr
         assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_after_sigterm_a_failed_worker_is_not_restarted(tmp_path):
+    """A preemption whose save does not make it in time (a grace period of 1 ms) fails the worker: with
+    MAX_RESTARTS=1 the launcher still restarts nothing (the node is going away) and the job exits 1."""
+    dump = tmp_path / "job"
+    proc = _start(dump, "--checkpoint.preemption_grace_seconds", "0.001", ngpu=1, max_restarts="1")
+    try:
+        _wait(lambda: 1 in _logged(dump), proc, "step 1")
+        proc.send_signal(signal.SIGTERM)  # the launcher: it passes SIGTERM on to the worker
+    finally:
+        out = _finish(proc, dump)
+    assert proc.returncode == 1, out[-3000:]
+    assert "restarting every worker" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        "savepoint: rank 0 failed with exit code 1 (after SIGTERM, so not restarted); its error is above (rerun "
+        "with SAVEPOINT_DEBUG=1 for a traceback)"), out[-3000:]
