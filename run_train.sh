@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Train with torchrun. Environment:
-#   NGPU        processes per node (default 1)
-#   CONFIG_FILE TOML config (default configs/debug_model.toml)
-#   LOG_RANK    ranks whose output is shown, comma-separated (default 0)
-#   MAX_RESTARTS how many times torchrun restarts every worker after one fails (default 0: the job
-#               fails with the first failed worker). Each restart resumes from the newest checkpoint
-#               (docs/recovery.md). A preemption (SIGTERM) is not a failure: it saves and exits 0.
+#   NGPU         processes per node (default 1)
+#   CONFIG_FILE  TOML config (default configs/debug_model.toml)
+#   LOG_RANK     ranks whose output is shown, comma-separated (default 0)
+#   MAX_RESTARTS how many times torchrun (--max-restarts) restarts every worker after one fails
+#                (default 0: the first failed worker fails the job). Each restart resumes from the
+#                newest checkpoint (docs/recovery.md). A preemption (SIGTERM) is no failure: the
+#                workers save and exit 0, and after SIGTERM nothing is restarted.
 # Extra arguments are config overrides, e.g. --checkpoint.enable --training.steps 20
 # Relative paths (CONFIG_FILE, --job.dump_folder, ...) resolve against the current directory.
 set -euo pipefail
