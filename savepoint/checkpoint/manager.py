@@ -24,6 +24,7 @@ from savepoint.checkpoint.hf_steps import HFAdapter, HFSteps
 from savepoint.checkpoint.loading import StepLoader
 from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.memory import MemoryTier
+from savepoint.checkpoint.shared import check_shared
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import MODEL, ModelState
 from savepoint.checkpoint.storage import CheckpointFolder
@@ -77,12 +78,18 @@ class CheckpointManager:
         self.writer = StepWriter(cfg, self.folder, self.coord, self.layout, job_config)
         self.loader = StepLoader(cfg, self.folder, self.coord, self.model_state, states,
                                  job_config.get("model", {}).get("flavor"))
+        self.memory: MemoryTier | None = None  # the in-memory tier (see memory.py)
         if cfg.enable and not cfg.load_only:
             self.coord.run_on_rank0(self.writer.prepare, f"preparing {self.folder.root}")
-        self.memory: MemoryTier | None = None  # the in-memory tier (see memory.py)
-        if cfg.enable and not cfg.load_only and cfg.memory_interval > 0 and not cfg.create_seed_checkpoint:
-            self.memory = MemoryTier(cfg, self.coord, self.model_state, states, self.layout)
-            self.memory.prepare(self.folder.root)
+            try:
+                check_shared(self.coord, self.folder.root)  # before the first step, not at the first save
+                if cfg.memory_interval > 0 and not cfg.create_seed_checkpoint:
+                    self.memory = MemoryTier(cfg, self.coord, self.model_state, states, self.layout)
+                    self.memory.prepare(self.folder.root)
+            except BaseException:
+                if self.lock is not None:  # no manager comes back to close it
+                    self.lock.release()
+                raise
 
     @property
     def lock(self) -> FolderLock | None:
