@@ -21,6 +21,10 @@ MODEL_ONLY = (
 EXCLUDING = 'enable = true\nexclude_from_loading = ["data_loader", "lr_scheduler"]\n'
 RESUME = "load_step = 500  # Resume from step 500\n"
 TINY = ["--training.seq_len", "16", "--training.local_batch_size", "1"]
+# AdamW's fused kernel: a 16-token step of the debug model spends ~40% of its CPU time in the
+# optimizer, which the fused kernel nearly halves (the 501-step run below: ~40% faster). The saved
+# optimizer state is the same; the default (foreach) implementation trains in every other test.
+FUSED = ["--optimizer.implementation", "fused"]
 
 
 def config_with(tmp_path: Path, name: str, checkpoint_block: str) -> Path:
@@ -56,13 +60,13 @@ def test_basic_then_resume_from_step_500(tmp_path):
     dump = tmp_path / "out"
     basic = config_with(tmp_path, "basic", BASIC)
     # 501 steps: step-500 is an interval save (full), step-501 the final save (model-only by default).
-    ok(run_train(basic, *TINY, "--training.steps", "501", dump=dump))
+    ok(run_train(basic, *TINY, *FUSED, "--training.steps", "501", dump=dump))
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-500", "step-501"]
     for step in (500, 501):
         assert step_layout(dump / f"checkpoint/step-{step}") == [".metadata", "__0_0.distcp", "manifest.json"]
 
     resume = config_with(tmp_path, "resume", BASIC + RESUME)
-    proc = ok(run_train(resume, *TINY, "--training.steps", "501", dump=dump))
+    proc = ok(run_train(resume, *TINY, *FUSED, "--training.steps", "501", dump=dump))
     assert re.search(r"loaded \S+/step-500 \(full\)", proc.stdout)
     assert "from step 500 to 501" in proc.stdout
     assert sorted(losses(dump)) == list(range(1, 502))
