@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,19 @@ LAYOUTS = {
     "hsdp": ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"],  # 2x1
     "fsdp_tp": ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"],  # 4: 2x2
 }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread for the 1-process jobs the tests run in their own process, as each launched
+    process has (OMP_NUM_THREADS=1): a second, spinning thread made these tiny steps slower, up to
+    four times next to launched processes on a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rank0() -> bool:

@@ -47,12 +47,14 @@ def torchrun(base: Path, nproc: int, scenarios: list[str], worker: str = "dist_w
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dist")
-    worker.make_seed(base)
-    worker.straight(base, "one")
+    with worker.one_thread():
+        worker.make_seed(base)
+        worker.straight(base, "one")
     torchrun(base, 2, TWO)
     torchrun(base, 4, FOUR)
-    for scenario in ("resume:fsdp>one", "resume:tp>one", "resume:one>one", "resume:hsdp>one", "seed:one"):
-        worker.run_scenario(base, scenario)
+    with worker.one_thread():
+        for scenario in ("resume:fsdp>one", "resume:tp>one", "resume:one>one", "resume:hsdp>one", "seed:one"):
+            worker.run_scenario(base, scenario)
     return base
 
 
