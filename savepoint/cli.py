@@ -225,16 +225,32 @@ def main(argv: list[str] | None = None) -> int:
     # DCP warns on every save and load outside a process group (a one-process job); that is the intent,
     # and on stderr it would bury the one "error:" line a failure prints.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    rank = os.environ.get("RANK")
+    prefix = f"[rank{rank}] " if rank not in (None, "0") else ""
     try:
         COMMANDS[argv[0]](argv[1:])
     except SavepointError as e:
         if debug:
             raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank{rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as e:
+        if debug or not peer_lost(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"{prefix}error: another rank of the job is gone (its process died; the launcher names it), so this "
+              f"rank stops too ({first})", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+# How a collective reports that the peer process at the other end died.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank's process is gone."""
+    return any(text in str(error) for text in PEER_LOST)
 
 
 if __name__ == "__main__":

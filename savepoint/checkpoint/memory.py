@@ -382,13 +382,22 @@ class MemoryTier:
     def wait_for_staging(self) -> None:
         self.saver.wait_for_staging()
 
-    def finish(self) -> None:
-        """Wait for the RAM save in flight and commit it (this rank alone), then retention; failures only warn."""
+    def finish(self, timeout: float | None = None) -> None:
+        """Wait for the RAM save in flight and commit it (this rank alone), then retention; failures only warn.
+
+        With ``timeout``, give up after that many seconds, leaving the save uncommitted (a process
+        that ends on an error commits what its writer finished, and does not wait long for more).
+        """
         inflight = self.saver.inflight
         if inflight is None:
             return
         assert self.folder is not None
-        error = self.saver.wait()
+        try:
+            error = self.saver.wait(timeout)
+        except TimeoutError:
+            logger.warning("in-memory save of step %d on rank %d not finished within %g s: left uncommitted",
+                           inflight.step, self.rank, timeout)
+            return
         self.saver.inflight = None
         step, staging = inflight.step, inflight.staging_dir
         try:

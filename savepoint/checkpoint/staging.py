@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,9 +228,17 @@ class AsyncSaver:
     def done(self) -> bool:
         return self.inflight is None or self.inflight.written.done()
 
-    def wait(self) -> BaseException | None:
-        """Block until this rank's write is done; returns its error, if any (the save stays in flight)."""
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        """Block until this rank's write is done; returns its error, if any (the save stays in flight).
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the save is still being written).
+        """
         assert self.inflight is not None
+        if timeout is not None:
+            wait([f for f in (self.inflight.staged, self.inflight.written) if f is not None], timeout)
+            if not self.inflight.written.done():
+                raise TimeoutError(f"the save of step {self.inflight.step} is still being written")
         try:
             if self.inflight.staged is not None:
                 self.inflight.staged.result()
