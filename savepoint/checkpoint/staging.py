@@ -147,18 +147,19 @@ class AsyncSaver:
         else:
             self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         pinned = mode == "async_with_pinned_mem"
+        # A background process needs a process group to join; an in-process run without torchrun
+        # (tests, notebooks) writes from a thread instead, as local saves always do.
+        self.process = pinned and dist.is_initialized() and not local
         # Buffers are allocated by the first save and reused by every later one (DefaultStager
         # caches them). Pinned memory and non-blocking copies need CUDA; on CPU, shared memory
-        # lets the writer process read the staged tensors without another copy.
+        # lets a writer process read the staged tensors without another copy (a writer thread
+        # reads them in place: shared memory would only take room in /dev/shm).
         self.stager = DefaultStager(StagingOptions(
             use_pinned_memory=pinned and cuda,
-            use_shared_memory=pinned and not cuda,
+            use_shared_memory=pinned and not cuda and (self.process or not local),
             use_async_staging=pinned,
             use_non_blocking_copy=pinned and cuda,
         ))
-        # A background process needs a process group to join; an in-process run without torchrun
-        # (tests, notebooks) writes from a thread instead.
-        self.process = pinned and dist.is_initialized() and not local
         self.inflight: InFlight | None = None
         # One long-lived thread starts every save (and, in ``async``, writes it), off the trainer's path.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="savepoint-ckpt")
