@@ -6,10 +6,12 @@ torchrun launch, 4-process (FSDP 2 x TP 2) jobs in another; the tests then check
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,7 @@ def torchrun(base: Path, nproc: int, scenarios: list[str], worker: str = "dist_w
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(tmp_path_factory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("dist")
     with worker.one_thread():
         worker.make_seed(base)
@@ -55,11 +57,25 @@ def base(tmp_path_factory) -> Path:
     with worker.one_thread():
         for scenario in ("resume:fsdp>one", "resume:tp>one", "resume:one>one", "resume:hsdp>one", "seed:one"):
             worker.run_scenario(base, scenario)
-    return base
+    yield base
+    forget_saved_tensors()
 
 
 def saved_tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in a DCP checkpoint, read back in one process, flattened to dotted keys."""
+    """Every tensor in a DCP checkpoint, read back in one process, flattened to dotted keys.
+
+    Many tests compare against the same committed step (a reshard source, the seed): each is
+    converted once, while the tests that use it run (the tests only read the tensors)."""
+    return dict(_converted(step_dir.resolve(), tmp))
+
+
+def forget_saved_tensors() -> None:
+    """Drop the steps ``saved_tensors`` keeps (at the end of a module whose tests use them)."""
+    _converted.cache_clear()
+
+
+@functools.lru_cache(maxsize=4)  # the tests of one source step run one after another
+def _converted(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     out = tmp / (step_dir.parent.parent.name + ".pt")
     dcp_to_torch_save(step_dir, out)
     return flatten(torch.load(out, weights_only=False))
