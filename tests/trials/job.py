@@ -199,6 +199,10 @@ class TrialResult:
         """Stop the clock; remove the trial's folder unless it failed and ``keep_failed``."""
         self.wall_s = time.monotonic() - self.started
         shutil.rmtree(memory_folder(self.dump), ignore_errors=True)  # RAM: never kept
+        try:
+            MEMORY_ROOT.rmdir()  # once no trial uses it
+        except OSError:
+            pass
         if self.outcome == "ok" or not keep_failed:
             shutil.rmtree(self.dump, ignore_errors=True)
         else:
