@@ -249,3 +249,10 @@ def test_due_saves_are_skipped_while_one_is_written_and_training_is_not_held_up(
     assert caplog.text.count("skipped: some rank is still writing the one before") == 1
     assert "due save(s) skipped while it was written" in caplog.text
     assert rank_folder(shm).committed_steps() == saved[-2:]
+
+
+def test_memory_interval_without_saving_is_refused(tmp_path):
+    for extra in ([], ["--checkpoint.enable", "--checkpoint.load_only"]):
+        out = subprocess.run([sys.executable, "-m", "savepoint", "check", "--checkpoint.memory_interval", "2", *extra],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 1 and "--checkpoint.memory_interval=2 asks for in-memory saves" in out.stderr

@@ -99,6 +99,12 @@ def _checkpoint_problems(ckpt: Checkpoint) -> list[str]:
             f"{p}load_step={ckpt.load_step} asks for a load but checkpointing is off: "
             f"add {p}enable (or enable = true under [checkpoint])"
         )
+    if ckpt.memory_interval > 0 and (not ckpt.enable or ckpt.load_only):
+        why = "checkpointing is off" if not ckpt.enable else f"{p}load_only saves nothing"
+        problems.append(
+            f"{p}memory_interval={ckpt.memory_interval} asks for in-memory saves but {why}: "
+            f"add {p}enable (and drop {p}load_only), or set {p}memory_interval 0"
+        )
     if ckpt.initial_load_in_hf and not ckpt.initial_load_model_only:
         problems.append(
             f"{p}initial_load_in_hf needs {p}initial_load_model_only (a Hugging Face folder holds "
