@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from savepoint.train import Trainer
 from tests import dist_worker
 from tests import pp_worker as worker
 from tests.conftest import ROOT, losses, make_config
-from tests.test_distributed import assert_identical, flatten, loaded_state, saved_tensors
+from tests.test_distributed import assert_identical, flatten, forget_saved_tensors, loaded_state, saved_tensors
 from tests.test_distributed import torchrun as distributed_torchrun
 from tests.test_format_utils import dcp_to_torch
 
@@ -87,32 +86,21 @@ def torchrun(base: Path, nproc: int, scenarios: list[str]) -> None:
     distributed_torchrun(base, nproc, scenarios, worker="pp_worker.py")
 
 
-@contextmanager
-def one_thread():
-    """One torch thread for in-process jobs: next to the launched processes on a small machine, a
-    second spinning thread made the 1-process run four times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, request) -> Iterator[Path]:
     failed_before = request.session.testsfailed
     base = tmp_path_factory.mktemp("pp")
     shell(SEED_COMMAND, guide_config(base))
-    with one_thread():
+    with dist_worker.one_thread():
         dist_worker.make_seed(base)  # another seed (7), so loading it visibly changes the weights
         worker.straight(base, "one")
     torchrun(base, 4, FOUR)
     torchrun(base, 2, TWO)
-    with one_thread():
+    with dist_worker.one_thread():
         for scenario in ONE:
             worker.run_scenario(base, scenario)
     yield base
+    forget_saved_tensors()
     # ~3 GB of checkpoints: removed once every test of the module passed (tmp_path_retention_policy
     # "failed" does not cover a module's folder); a failed run's stays for inspection.
     if request.session.testsfailed == failed_before:
@@ -287,7 +275,7 @@ def test_seed_workflow_of_the_guide(base):
     trainer = Trainer(parse_args(["--job.config_file", str(config), "--job.dump_folder", str(reference),
                                   "--checkpoint.enable", "--training.steps", "2"], environ={}))
     try:
-        with one_thread():
+        with dist_worker.one_thread():
             trainer.train()
     finally:
         trainer.checkpointer.close()
