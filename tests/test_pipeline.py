@@ -64,13 +64,23 @@ PP_COMMAND = "NGPU=2 CONFIG_FILE=<path_to_config> ./run_train.sh --checkpoint.en
              "--parallelism.pipeline_parallel_degree 2 --training.steps 2"
 
 
-def shell(command: str, config: Path) -> subprocess.CompletedProcess:
-    """``command`` in the repository root, as a user types it, with ``<path_to_config>`` filled in."""
+def start_shell(command: str, config: Path) -> subprocess.Popen:
+    """Start ``command`` in the repository root, as a user types it, with ``<path_to_config>`` filled in."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAVEPOINT_PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "-c", command.replace("<path_to_config>", str(config))], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return subprocess.Popen(["bash", "-c", command.replace("<path_to_config>", str(config))], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_shell(command: str, started: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a ``start_shell`` command; it must exit 0."""
+    try:
+        stdout, stderr = started.communicate(timeout=600)
+    finally:
+        if started.poll() is None:
+            started.kill()
+            started.communicate()
+    assert started.returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(started.args, started.returncode, stdout, stderr)
 
 
 def guide_config(base: Path) -> Path:
@@ -90,10 +100,14 @@ def torchrun(base: Path, nproc: int, scenarios: list[str]) -> None:
 def base(tmp_path_factory, request) -> Iterator[Path]:
     failed_before = request.session.testsfailed
     base = tmp_path_factory.mktemp("pp")
-    shell(SEED_COMMAND, guide_config(base))
-    with dist_worker.one_thread():
-        dist_worker.make_seed(base)  # another seed (7), so loading it visibly changes the weights
-        worker.straight(base, "one")
+    # The guide's seed command runs next to the 1-process jobs (each takes one core).
+    seed_command = start_shell(SEED_COMMAND, guide_config(base))
+    try:
+        with dist_worker.one_thread():
+            dist_worker.make_seed(base)  # another seed (7), so loading it visibly changes the weights
+            worker.straight(base, "one")
+    finally:
+        finish_shell(SEED_COMMAND, seed_command)
     torchrun(base, 4, FOUR)
     torchrun(base, 2, TWO)
     with dist_worker.one_thread():
@@ -267,18 +281,20 @@ def test_seed_workflow_of_the_guide(base):
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-0"]
     reference = base / "guide_one"
     shutil.copytree(dump / "checkpoint" / "step-0", reference / "checkpoint" / "step-0")
-    proc = shell(PP_COMMAND, config)
+    pp_command = start_shell(PP_COMMAND, config)
+    try:  # the 1-process reference trains meanwhile, from its own copy of the seed
+        trainer = Trainer(parse_args(["--job.config_file", str(config), "--job.dump_folder", str(reference),
+                                      "--checkpoint.enable", "--training.steps", "2"], environ={}))
+        try:
+            with dist_worker.one_thread():
+                trainer.train()
+        finally:
+            trainer.checkpointer.close()
+    finally:
+        proc = finish_shell(PP_COMMAND, pp_command)
     assert "step-0 is a seed checkpoint" in proc.stdout and "PP 2" in proc.stdout
     step2 = dump / "checkpoint" / "step-2"
     assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-
-    trainer = Trainer(parse_args(["--job.config_file", str(config), "--job.dump_folder", str(reference),
-                                  "--checkpoint.enable", "--training.steps", "2"], environ={}))
-    try:
-        with dist_worker.one_thread():
-            trainer.train()
-    finally:
-        trainer.checkpointer.close()
     assert trainer.loaded_step == 0
     pp, one = losses(dump), losses(reference)
     assert sorted(pp) == sorted(one) == [1, 2]
