@@ -88,64 +88,89 @@ def damage(step_dir: Path) -> None:
     data.write_bytes(bytes(raw))
 
 
-def test_restart_resumes_from_memory_when_it_is_newer(straight, tmp_path, caplog):
-    dump, shm = tmp_path / "run", tmp_path / "shm"
-    args = memory_args(shm)
-    crash(dump, args, at=6)
-    assert CheckpointFolder(dump / "checkpoint").committed_steps() == [4]  # RAM steps are not durable steps
-    assert rank_folder(shm).committed_steps() == [5, 6]  # memory_keep_latest_k = 2
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory) -> Path:
+    """One job that crashed after step 7: durable step-4, RAM steps 6 and 7 (each test restarts a copy)."""
+    base = tmp_path_factory.mktemp("crashed")
+    crash(base / "run", memory_args(base / "shm", 1, "--checkpoint.keep_latest_k", "1"), at=7)
+    return base
+
+
+def copy_of(crashed: Path, where: Path) -> tuple[Path, Path, list[str]]:
+    """A copy of the crashed job (its durable folder and its RAM copies): (dump, shm, the args to restart it)."""
+    dump, shm = where / "run", where / "shm"
+    shutil.copytree(crashed / "run", dump)
+    shutil.copytree(crashed / "shm", shm)
+    # The restart keeps the tier on (its RAM steps are read) but saves no more: only the load is under test.
+    return dump, shm, memory_args(shm, 100, "--checkpoint.keep_latest_k", "1")
+
+
+def test_the_crashed_job_holds_ram_steps_apart_from_durable_ones(crashed):
+    root = crashed / "run" / "checkpoint"
+    assert CheckpointFolder(root).committed_steps() == [4]  # RAM steps are not durable steps
+    assert rank_folder(crashed / "shm").committed_steps() == [6, 7]  # memory_keep_latest_k = 2
+    assert read_run(root)["memory_folder"] == str(crashed / "shm")
+    assert memory_steps(root) == {"rank-0": [6, 7]}
+
+
+def test_restart_resumes_from_memory_when_it_is_newer(straight, crashed, tmp_path, caplog):
+    dump, shm, args = copy_of(crashed, tmp_path)
     with caplog.at_level(logging.INFO):
         trainer = finish(dump, args)
-    assert "resuming from the in-memory checkpoint of step 6" in caplog.text
-    assert_same_run(straight, dump, trainer, first=7)
-    assert CheckpointFolder(dump / "checkpoint").committed_steps() == [4, 8]
+    assert "resuming from the in-memory checkpoint of step 7" in caplog.text
+    assert_same_run(straight, dump, trainer, first=8)
+    assert CheckpointFolder(dump / "checkpoint").committed_steps() == [8]  # keep_latest_k 1 counts durable steps
     assert not any(shm.iterdir()), "a job that ended cleanly leaves no RAM copy behind"
 
 
-def test_damaged_memory_steps_fall_back_to_the_older_one_then_to_disk(straight, tmp_path, caplog):
-    dump, shm = tmp_path / "run", tmp_path / "shm"
-    args = memory_args(shm)
-    crash(dump, args, at=7)
-    folder = rank_folder(shm)
-    assert folder.committed_steps() == [6, 7]
-    damage(folder.step_dir(7))
+def test_a_damaged_newest_memory_step_falls_back_to_the_one_before(straight, crashed, tmp_path, caplog):
+    dump, shm, args = copy_of(crashed, tmp_path)
+    damage(rank_folder(shm).step_dir(7))
     with caplog.at_level(logging.INFO):
         trainer = finish(dump, args)
     assert "the in-memory checkpoint of step 7 cannot be used" in caplog.text
     assert "resuming from the in-memory checkpoint of step 6" in caplog.text
     assert_same_run(straight, dump, trainer, first=7)
 
-    dump2 = tmp_path / "run2"
-    crash(dump2, args, at=6)
-    folder = rank_folder(shm)
-    for step in folder.committed_steps():
-        damage(folder.step_dir(step))
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        trainer = finish(dump2, args)
-    assert "resuming from the in-memory checkpoint" not in caplog.text
-    assert "loaded " + str(dump2 / "checkpoint" / "step-4") in caplog.text  # the durable step
-    assert_same_run(straight, dump2, trainer, first=5)
 
-
-def test_memory_older_than_disk_or_missing_loads_disk(straight, tmp_path, caplog):
-    dump, shm = tmp_path / "run", tmp_path / "shm"
-    args = memory_args(shm, 3)  # RAM at 3 and 6 (not 4: a durable save is due then), disk at 4 and 8
-    crash(dump, args, at=5)
-    assert rank_folder(shm).committed_steps() == [3]
+def test_damaged_renamed_or_missing_memory_steps_fall_back_to_disk(straight, crashed, tmp_path, caplog):
+    dump, shm, args = copy_of(crashed, tmp_path / "damaged")
+    for step in (6, 7):
+        damage(rank_folder(shm).step_dir(step))
     with caplog.at_level(logging.INFO):
         trainer = finish(dump, args)
-    assert "the newest in-memory step is 3 and it is older than durable step-4" in caplog.text
+    assert "resuming from the in-memory checkpoint" not in caplog.text
+    assert "loaded " + str(dump / "checkpoint" / "step-4") in caplog.text  # the durable step
     assert_same_run(straight, dump, trainer, first=5)
 
-    dump2 = tmp_path / "run2"
-    crash(dump2, memory_args(shm), at=6)
+    dump, shm, args = copy_of(crashed, tmp_path / "renamed")
+    folder = rank_folder(shm)
+    shutil.rmtree(folder.step_dir(6))
+    folder.step_dir(7).rename(folder.step_dir(9))  # its manifest says step 7: never loaded as step 9
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "removing in-memory step 9 of rank 0: written by another layout, run or step (step 7" in caplog.text
+    assert_same_run(straight, dump, trainer, first=5)
+
+    dump, shm, args = copy_of(crashed, tmp_path / "rebooted")
     shutil.rmtree(rank_folder(shm).root)  # the node was rebooted
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        trainer = finish(dump2, memory_args(shm))
+        trainer = finish(dump, args)
     assert "resuming from the in-memory checkpoint" not in caplog.text
-    assert_same_run(straight, dump2, trainer, first=5)
+    assert_same_run(straight, dump, trainer, first=5)
+
+
+def test_memory_older_than_disk_loads_disk(straight, tmp_path, caplog):
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    args = memory_args(shm, 3)  # RAM at 3 (not 4: a durable save is due then), disk at 4
+    crash(dump, args, at=5)
+    assert rank_folder(shm).committed_steps() == [3]
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, memory_args(shm, 100))
+    assert "the newest in-memory step is 3 and it is older than durable step-4" in caplog.text
+    assert_same_run(straight, dump, trainer, first=5)
 
 
 def test_no_durable_step_and_unusable_memory_is_a_fresh_start(straight, tmp_path):
@@ -157,48 +182,36 @@ def test_no_durable_step_and_unusable_memory_is_a_fresh_start(straight, tmp_path
     folder = rank_folder(shm)
     for step in folder.committed_steps():
         damage(folder.step_dir(step))
-    trainer = finish(dump, args)
+    trainer = finish(dump, memory_args(shm, 100, "--checkpoint.interval", "100"))
     assert_same_run(straight, dump, trainer, first=1)
 
 
-@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
-def test_memory_tier_with_async_durable_saves(straight, tmp_path, mode, caplog):
-    dump, shm = tmp_path / "run", tmp_path / "shm"
-    args = memory_args(shm, 1, "--checkpoint.async_mode", mode)
-    crash(dump, args, at=6)
-    with caplog.at_level(logging.INFO):
-        trainer = finish(dump, args)
-    assert "resuming from the in-memory checkpoint of step 6" in caplog.text
-    assert_same_run(straight, dump, trainer, first=7)
-
-
-def test_inspect_shows_memory_steps_apart_and_retention_ignores_them(tmp_path):
-    dump, shm = tmp_path / "run", tmp_path / "shm"
-    crash(dump, memory_args(shm, 1, "--checkpoint.keep_latest_k", "1"), at=7)
-    root = dump / "checkpoint"
-    assert CheckpointFolder(root).committed_steps() == [4]
-    assert read_run(root)["memory_folder"] == str(shm)
-    assert memory_steps(root) == {"rank-0": [6, 7]}
+def test_inspect_lists_memory_steps_apart_and_verify_checks_one(crashed):
+    root = crashed / "run" / "checkpoint"
     out = subprocess.run([sys.executable, "-m", "savepoint", "inspect", str(root)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "1 committed step(s)" in out.stdout and "step-4" in out.stdout
     assert "in memory on this node" in out.stdout and "rank-0   steps 6, 7" in out.stdout
-    verify = subprocess.run([sys.executable, "-m", "savepoint", "verify", str(rank_folder(shm).step_dir(7))],
-                            capture_output=True, text=True, cwd=ROOT)
+    step_7 = rank_folder(crashed / "shm").step_dir(7)
+    verify = subprocess.run([sys.executable, "-m", "savepoint", "verify", str(step_7)], capture_output=True, text=True,
+                            cwd=ROOT)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_a_new_run_in_a_fresh_folder_never_loads_another_runs_memory(tmp_path, caplog):
-    shm = tmp_path / "shm"
-    crash(tmp_path / "a", memory_args(shm), at=6)
+def test_a_new_run_in_a_fresh_folder_never_loads_another_runs_memory(crashed, tmp_path, caplog):
+    _, shm, _ = copy_of(crashed, tmp_path)
     (run_a,) = shm.iterdir()
     with caplog.at_level(logging.INFO):
         trainer = crash(tmp_path / "b", memory_args(shm), at=1)
     assert "no checkpoint in" in caplog.text and trainer.loaded_step is None
-    assert len(list(shm.iterdir())) == 2 and run_a.is_dir()
-    run_files = [(tmp_path / job / "checkpoint" / RUN_FILE).read_text() for job in ("a", "b")]
+    assert len(list(shm.iterdir())) == 2 and rank_folder_of(run_a).committed_steps() == [6, 7]
+    run_files = [(where / "checkpoint" / RUN_FILE).read_text() for where in (tmp_path / "run", tmp_path / "b")]
     assert run_files[0] != run_files[1]
+
+
+def rank_folder_of(run: Path) -> CheckpointFolder:
+    return CheckpointFolder(run / "rank-0")
 
 
 def test_unusable_memory_folder_is_one_clear_error(tmp_path):

@@ -89,5 +89,5 @@ def test_a_restart_at_another_layout_ignores_the_ram_copies(results, tmp_path, c
         trainer.checkpointer.memory.finish()
         trainer.checkpointer.lock.release()
     assert trainer.loaded_step == 4
-    assert "removing in-memory step 6 of rank 0: written by another layout or run" in caplog.text
+    assert "removing in-memory step 6 of rank 0: written by another layout, run or step" in caplog.text
     assert CheckpointFolder(two_proc_ram).committed_steps() == [5]  # its own copy of step 5 only

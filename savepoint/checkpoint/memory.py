@@ -216,9 +216,9 @@ class MemoryTier:
                 "to turn the in-memory tier off")
 
     def usable_steps(self) -> list[int]:
-        """This rank's committed RAM steps whose manifest is sound and names this run, rank and layout.
+        """This rank's committed RAM steps whose manifest is sound and names this step, run, rank and layout.
 
-        Steps of another rank or layout (the job restarted with other settings) are removed.
+        Other steps (another layout, after a restart with other settings; a folder renamed) are removed.
         """
         assert self.folder is not None
         usable = []
@@ -228,13 +228,15 @@ class MemoryTier:
             except CorruptCheckpointError as e:
                 logger.warning("in-memory step %d of rank %d is damaged (%s): not used", step, self.rank, e)
                 continue
-            identity = None if manifest is None else (manifest.get("format"), manifest.get("run"),
-                                                      manifest.get("rank"), manifest.get("layout"))
-            if identity == (MEMORY_FORMAT, self.run, self.rank, self.layout):
+            identity = None if manifest is None else (manifest.get("format"), manifest.get("step"),
+                                                      manifest.get("run"), manifest.get("rank"),
+                                                      manifest.get("layout"))
+            if identity == (MEMORY_FORMAT, step, self.run, self.rank, self.layout):
                 usable.append(step)
                 continue
-            logger.info("removing in-memory step %d of rank %d: written by another layout or run (%s)", step,
-                        self.rank, "no manifest" if manifest is None else f"layout {manifest.get('layout')}")
+            logger.info("removing in-memory step %d of rank %d: written by another layout, run or step (%s)", step,
+                        self.rank, "no manifest" if manifest is None else
+                        f"step {manifest.get('step')}, layout {manifest.get('layout')}")
             try:
                 self.folder.delete(step)
             except OSError as e:
