@@ -39,6 +39,12 @@ for the workers' process group across restarts and the workers' keys in it carry
 number, so the new workers would find the dead group's gloo or NCCL addresses: they fail to
 connect, or wait for them until ``comm.init_timeout_seconds`` runs out. So the launcher gives each
 worker group a fresh store (``fresh_worker_store_every_round``).
+
+Several nodes (``--nnodes N``, ``NNODES`` of ``./run_train.sh``): with the c10d rendezvous, torchrun
+ignores ``--node_rank`` and numbers the nodes by sorting their host names and launcher pids, so
+global rank 0 (the one that logs, writes the metrics and commits checkpoints) could run on any
+node. This launcher numbers them by ``--node_rank`` (``number_nodes_by_node_rank``): node k runs
+the global ranks k*nproc_per_node to (k+1)*nproc_per_node-1, as with torchrun's static rendezvous.
 """
 
 from __future__ import annotations
@@ -48,13 +54,18 @@ import signal
 import sys
 import threading
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
-from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    DynamicRendezvousHandler,
+    _NodeDesc,
+    _NodeDescGenerator,
+)
 from torch.distributed.run import parse_args, run
 
 from savepoint import lifeline
@@ -219,6 +230,37 @@ def fresh_worker_store_every_round() -> None:
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
 
 
+@dataclass(eq=True, order=False, frozen=True, repr=False)
+class RankedNode(_NodeDesc):
+    """A rendezvous participant that sorts by its ``--node_rank`` first (the rendezvous numbers nodes in sorted
+    order). Every node's launcher is this module, so each one can unpickle the others' descriptors."""
+
+    node_rank: int = 0
+
+    def __lt__(self, other: _NodeDesc) -> bool:
+        def key(node: _NodeDesc) -> tuple[int, str, int, int]:
+            return getattr(node, "node_rank", 0), node.addr, node.pid, node.local_id
+        return key(self) < key(other)
+
+
+class _RankedNodes(_NodeDescGenerator):
+    def __init__(self, node_rank: int) -> None:
+        super().__init__()
+        self.node_rank = node_rank
+
+    def generate(self, local_addr: str | None = None) -> _NodeDesc:
+        node = super().generate(local_addr)
+        return RankedNode(node.addr, node.pid, node.local_id, self.node_rank)
+
+
+def number_nodes_by_node_rank(args: Namespace) -> None:
+    """Make the c10d rendezvous give this node the group rank ``--node_rank`` (see the module doc)."""
+    if args.rdzv_backend == "static":
+        return  # torchrun's static rendezvous uses --node_rank itself
+    DynamicRendezvousHandler._node_desc_generator = _RankedNodes(int(args.node_rank))
+    args.node_rank = 0  # not ignored any more: spare torchrun's warning that it is
+
+
 def failed_summary(args: Namespace, rank: int, failure: ProcessFailure) -> str:
     """The launcher's last line when the job failed (and no restart is left)."""
     after = ""
@@ -251,6 +293,7 @@ def main(argv: list[str]) -> int:
     die_with_launcher(args)
     announce_restarts()
     fresh_worker_store_every_round()
+    number_nodes_by_node_rank(args)
     try:
         run(args)
     except ChildFailedError as e:
@@ -269,4 +312,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as savepoint.launch, not __main__: the other nodes unpickle RankedNode from that module.
+    from savepoint import launch as _launch
+    sys.exit(_launch.main(sys.argv[1:]))
