@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,9 @@ from savepoint.models.llama3.model import initialize
 from savepoint.models.llama3.parallelize import BlockOptions, column_sharded, mixed_precision, parallelize_llama
 from savepoint.optim import build_lr_scheduler, build_optimizer, resume_schedule
 from savepoint.parallel_dims import ParallelDims
-from savepoint.pipelining import ModelParts, Pipeline, pp_grad_norm
+
+if TYPE_CHECKING:
+    from savepoint.pipelining import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float,
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the norm over the whole (unsharded) gradient
     if pp_group is not None:
+        from savepoint.pipelining import pp_grad_norm
+
         total = pp_grad_norm(total, pp_group)  # and over the other stages' gradients
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
@@ -216,6 +221,9 @@ class Trainer:
             parallelize_llama(m, self.mesh, self.dims, mp_policy, blocks)  # type: ignore[arg-type]
         self.pipeline: Pipeline | None = None
         if self.dims.pp > 1:
+            # torch.distributed.pipelining takes seconds to import: only pipeline-parallel jobs load it.
+            from savepoint.pipelining import ModelParts, Pipeline
+
             assert self.mesh is not None
             with torch.device("meta"):
                 whole = Transformer(model_args)
