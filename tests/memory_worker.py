@@ -80,20 +80,25 @@ def on_rank1(fn, shm: Path) -> None:
     dist.barrier()
 
 
-# name -> (extra args, crash at, what happens to the RAM copies before the restart)
+# name -> (extra args, crash at, what happens to the RAM copies before the restart, the crashed job it copies)
 SCENARIOS = {
-    "skipping": ([], 7, None),  # the writer does not keep up: both ranks skip the same due saves
-    "newer": ([], 6, None),
-    "pinned": (["--checkpoint.async_mode", "async_with_pinned_mem"], 6, None),
-    "async": (["--checkpoint.async_mode", "async"], 7, None),
-    "rank1_lost_newest": ([], 7, lambda shm: shutil.rmtree(rank_folder(shm) / "step-7")),
-    "rank1_damaged": ([], 6, lambda shm: [damage(p) for p in sorted(rank_folder(shm).glob("step-*"))]),
-    "rank1_rebooted": ([], 6, lambda shm: shutil.rmtree(rank_folder(shm))),
-    "tp": (["--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None),
-    "pp": (["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None),
+    "skipping": ([], 7, None, None),  # the writer does not keep up: both ranks skip the same due saves
+    "newer": ([], 7, None, None),
+    "rank1_lost_newest": ([], 7, lambda shm: shutil.rmtree(rank_folder(shm) / "step-7"), "newer"),
+    "rank1_damaged": ([], 7, lambda shm: [damage(p) for p in sorted(rank_folder(shm).glob("step-*"))], "newer"),
+    "rank1_rebooted": ([], 7, lambda shm: shutil.rmtree(rank_folder(shm)), "newer"),
+    "pinned": (["--checkpoint.async_mode", "async_with_pinned_mem"], 6, None, None),
+    "async": (["--checkpoint.async_mode", "async"], 7, None, None),
+    "tp": (["--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None, None),
+    "pp": (["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"], 6, None, None),
 }
 # Layouts other than FSDP(2) compare with an uninterrupted run of their own.
 OWN_LAYOUT = ("tp", "pp")
+
+
+def crash_args(shm: Path, extra: list[str], interval: int = 1) -> list[str]:
+    return ["--checkpoint.enable", "--checkpoint.memory_interval", str(interval), "--checkpoint.memory_folder",
+            str(shm), *extra]
 
 
 def main(base: Path) -> None:
@@ -101,27 +106,30 @@ def main(base: Path) -> None:
     straight = run(base / "straight", ["--checkpoint.enable"])
     fsdp_state = full_state(straight)
     results: dict[str, dict] = {}
-    for name, (extra, at, change) in SCENARIOS.items():
+    for name, (extra, at, change, source) in SCENARIOS.items():
         expected = fsdp_state
         if name in OWN_LAYOUT:
             expected = full_state(run(base / f"straight-{name}", ["--checkpoint.enable", *extra]))
         dump, shm = base / name, base / name / "shm"
-        args = ["--checkpoint.enable", "--checkpoint.memory_interval", "1", "--checkpoint.memory_folder", str(shm),
-                *extra]
-        run(dump, args, stop_after=at, keep_up=name != "skipping")
+        if source is None:
+            run(dump, crash_args(shm, extra), stop_after=at, keep_up=name != "skipping")
+            copies = [n for n, spec in SCENARIOS.items() if spec[3] == name]
+            if dist.get_rank() == 0:  # the RAM copies of both ranks live on this one machine
+                for copy in copies:
+                    shutil.copytree(dump, base / copy)
+                if name == "newer":  # for the one-process restart in the test
+                    shutil.copytree(rank_folder(shm) / "step-6", base / "stale-rank-0" / "step-6")
+            dist.barrier()
         kept = sorted(p.name for p in rank_folder(shm).glob("step-*"))
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, kept)
-        if name == "newer" and dist.get_rank() == 0:  # for the one-process restart in the test
-            shutil.copytree(rank_folder(shm) / "step-6", base / "stale-rank-0" / "step-6")
         if change is not None:
             on_rank1(change, shm)
-        resumed = run(dump, args)
+        resumed = run(dump, crash_args(shm, extra, interval=100))  # the tier is on, only its load is under test
         got = full_state(resumed)
         equal = got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
         results[name] = {"loaded": resumed.loaded_step, "kept": kept, "same_on_every_rank": everyone[1] == kept,
-                         "equal": equal,
-                         "ram_left": any(shm.iterdir())}
+                         "equal": equal, "ram_left": any(shm.iterdir())}
     if dist.get_rank() == 0:
         straights = {n: losses(base / f"straight-{n}") for n in OWN_LAYOUT}
         (base / "results.json").write_text(json.dumps({"results": results, "straight": losses(base / "straight"),

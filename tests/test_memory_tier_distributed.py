@@ -32,12 +32,12 @@ def results(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize(("scenario", "loaded", "kept"), [
-    ("newer", 6, ["step-5", "step-6"]),  # RAM is newer than disk (step 4): it is loaded
+    ("newer", 7, ["step-6", "step-7"]),  # RAM is newer than disk (step 4): it is loaded
+    ("rank1_lost_newest", 6, ["step-6", "step-7"]),  # rank 1 died writing step 7: both load step 6
+    ("rank1_damaged", 4, ["step-6", "step-7"]),  # rank 1's copies fail their checksums: both load disk
+    ("rank1_rebooted", 4, ["step-6", "step-7"]),  # rank 1's node lost its RAM: both load disk
     ("pinned", 6, ["step-5", "step-6"]),  # with async_with_pinned_mem durable saves (a writer process)
     ("async", 7, ["step-6", "step-7"]),  # with async durable saves
-    ("rank1_lost_newest", 6, ["step-6", "step-7"]),  # rank 1 died writing step 7: both load step 6
-    ("rank1_damaged", 4, ["step-5", "step-6"]),  # rank 1's copies fail their checksums: both load disk
-    ("rank1_rebooted", 4, ["step-5", "step-6"]),  # rank 1's node lost its RAM: both load disk
     ("tp", 6, ["step-5", "step-6"]),  # TP(2): each rank saves its tensor-parallel shards
     ("pp", 6, ["step-5", "step-6"]),  # PP(2): each rank saves its stage
 ])
@@ -60,7 +60,7 @@ def test_ranks_skip_the_same_due_saves_when_the_writer_falls_behind(results):
 
 
 def test_fallbacks_are_logged(results):
-    assert "the in-memory checkpoint of step 6 cannot be used" in results["log"]
+    assert "the in-memory checkpoint of step 7 cannot be used" in results["log"]
     assert "rank(s) 1 do not have it" in results["log"]
     assert len(SCENARIOS) == 9
 
