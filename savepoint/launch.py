@@ -115,6 +115,8 @@ def die_with_launcher(args: Namespace) -> None:
 # Set once SIGTERM came: the job is being preempted, and a worker failing now is not restarted.
 PREEMPTED = threading.Event()
 RESTARTS = [0]  # how many times this launcher restarted a failed worker group
+# Set once this launcher reached the rendezvous store: a connection error after it means the store's node left.
+JOINED = threading.Event()
 
 
 def _forward_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -221,6 +223,7 @@ def fresh_worker_store_every_round() -> None:
         return
 
     def next_rendezvous(self: DynamicRendezvousHandler):
+        JOINED.set()  # the rendezvous store was reached (or is hosted here)
         if getattr(self, "_bootstrap_store_info", None) is not None and hasattr(self, "_shared_tcp_store_server"):
             self._shared_tcp_store_server = None
             self._bootstrap_store_info = None
@@ -280,6 +283,24 @@ def failed_summary(args: Namespace, rank: int, failure: ProcessFailure) -> str:
             "(rerun with SAVEPOINT_DEBUG=1 for a traceback)")
 
 
+def rendezvous_failed(args: Namespace, error: RendezvousConnectionError) -> str:
+    """The launcher's last line when it cannot host, reach, or no longer reaches the rendezvous store."""
+    endpoint = args.rdzv_endpoint or "localhost"
+    cause = str(error.__cause__ or error).splitlines()[0].rstrip(".")
+    if "EADDRINUSE" in cause:
+        return (f"error: cannot host the job's rendezvous at {endpoint}: the port is in use on this node (another "
+                "job, or another node started as node 0 here); give a free port (MASTER_PORT of run_train.sh), the "
+                "same on every node, and one node 0 (NODE_RANK=0)")
+    if not JOINED.is_set():
+        return (f"error: cannot reach the job's rendezvous at {endpoint} ({cause}): start node 0 (NODE_RANK=0 of "
+                "run_train.sh) on that host, and give every node its address and port (MASTER_ADDR, MASTER_PORT)")
+    # Another node's job failed and the node hosting the rendezvous store (node rank 0) exited:
+    # this node's launcher can no longer reach it. Its workers die with it (die_with_launcher).
+    return (f"savepoint: lost the connection to the job's rendezvous store at {endpoint} (the node hosting it has "
+            "exited, normally because the job failed there: its output names the error); stopping this node's "
+            "workers")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     nproc = args.nproc_per_node
@@ -301,12 +322,8 @@ def main(argv: list[str]) -> int:
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         print(failed_summary(args, rank, failure), file=sys.stderr)
         return code
-    except RendezvousConnectionError:
-        # Another node's job failed and the node hosting the rendezvous store (node_rank 0) exited:
-        # this node's launcher can no longer reach it. Its workers die with it (die_with_launcher).
-        print(f"savepoint: lost the connection to the job's rendezvous store at {args.rdzv_endpoint or 'localhost'} "
-              "(the node hosting it has exited, normally because the job failed there: its output names the "
-              "error); stopping this node's workers", file=sys.stderr)
+    except RendezvousConnectionError as e:
+        print(rendezvous_failed(args, e), file=sys.stderr)
         return 1
     return 0
 

@@ -5,7 +5,8 @@ they train, save and resume together, and every loss is bit-identical to one sin
 run of the same job (FSDP 2 both times). Two "nodes" that save into different folders (each
 started in a folder of its own with a relative ``--job.dump_folder``) stop before the first step
 with the shared-storage check's one line. Bad NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and
-RDZV_ID values are refused with one line each, before any process starts.
+RDZV_ID values are refused with one line each, before any process starts, and so is a rendezvous
+port another process holds.
 """
 
 from __future__ import annotations
@@ -128,6 +129,23 @@ def test_nodes_saving_into_different_folders_stop_before_the_first_step(tmp_path
         assert read_losses(cwd / "out")[0] == []  # not one step trained
         if root.exists():
             assert read_folder(root).committed == [] and not list(root.glob(".savepoint.probe-*"))
+
+
+def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
+    """Node 0 cannot host the rendezvous on a port something else holds (a second node 0, another job)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([RUN_TRAIN, "--job.dump_folder", str(tmp_path / "out"), *JOB, "--training.steps", "1"],
+                              cwd=ROOT, env=_env(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=str(port)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot host the job's rendezvous at 127.0.0.1:{port}: the port is in use on this node (another "
+        "job, or another node started as node 0 here); give a free port (MASTER_PORT of run_train.sh), the same "
+        "on every node, and one node 0 (NODE_RANK=0)"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("env", "line"), [
