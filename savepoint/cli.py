@@ -234,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
-    except RuntimeError as e:
-        if debug or not peer_lost(e):
+    except BaseException as e:  # DCP's CheckpointException, which wraps a collective's error, is one
+        lost = peer_lost(e)
+        if debug or lost is None:
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = str(lost).strip().splitlines()[0][:300] if str(lost).strip() else type(lost).__name__
         print(f"{prefix}error: another rank of the job is gone (its process died; the launcher names it), so this "
               f"rank stops too ({first})", file=sys.stderr, flush=True)
         return 1
@@ -248,9 +249,22 @@ def main(argv: list[str] | None = None) -> int:
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
-def peer_lost(error: BaseException) -> bool:
-    """Whether ``error`` is a collective failing because another rank's process is gone."""
-    return any(text in str(error) for text in PEER_LOST)
+def peer_lost(error: BaseException | None) -> BaseException | None:
+    """The gloo error behind ``error`` if it is a collective failing because another rank's process is gone
+    (itself, its causes, or the failing rank's error DCP wrapped), else None."""
+    for _ in range(10):
+        if error is None:
+            return None
+        text = str(error)
+        if isinstance(error, RuntimeError) and "gloo" in text and any(t in text for t in PEER_LOST):
+            return error
+        failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> (error, traceback)
+        if isinstance(failures, dict) and failures:
+            inner = next(iter(failures.values()))
+            error = inner[0] if isinstance(inner, tuple) else inner
+        else:
+            error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -124,10 +124,6 @@ def block_options(cfg: JobConfig, device: torch.device) -> BlockOptions:
                         compile_backend=comp.backend if compile_model else None)
 
 
-# How long a process ending on an error waits for its in-memory save in flight before it exits.
-MEMORY_COMMIT_GRACE_S = 10.0
-
-
 class NonFiniteLoss(SavepointError):
     """The loss or gradient norm of a step is NaN or infinite: training stops before the optimizer step."""
 
@@ -392,11 +388,12 @@ def run(cfg: JobConfig) -> None:
         trainer.checkpointer.close()
         trainer.metrics.committed(trainer.checkpointer.writer.committed)
     except BaseException:
-        # This process ends on an error (often another rank died): a RAM save its writer finished is
-        # still this rank's valid copy, and committing it needs no other rank, so a restart can use it.
+        # This process ends on an error (often another rank died): the RAM save in flight is still this
+        # rank's valid copy, and committing it needs no other rank, so a restart can use it. The process
+        # would wait for its writer thread at exit anyway (torchrun SIGKILLs it 30 s after the failure).
         if trainer is not None and trainer.checkpointer.memory is not None:
             try:
-                trainer.checkpointer.memory.finish(timeout=MEMORY_COMMIT_GRACE_S)
+                trainer.checkpointer.memory.finish()
             except Exception as e:  # the error being raised is the one to report
                 logger.warning("could not commit the in-memory save in flight (%s)", e)
         raise

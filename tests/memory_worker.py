@@ -74,6 +74,15 @@ def damage(step_dir: Path) -> None:
     data.write_bytes(bytes(raw))
 
 
+def bind_run_file(root: Path) -> None:
+    """A copied folder is another run: bind the copy's run file to it, so that it stands for the crashed job."""
+    import os
+
+    record = json.loads((root / ".savepoint.run").read_text())
+    st = os.stat(root)
+    (root / ".savepoint.run").write_text(json.dumps({**record, "folder": [str(root), st.st_dev, st.st_ino]}))
+
+
 def on_rank1(fn, shm: Path) -> None:
     if dist.get_rank() == 1:
         fn(shm)
@@ -117,6 +126,7 @@ def main(base: Path) -> None:
             if dist.get_rank() == 0:  # the RAM copies of both ranks live on this one machine
                 for copy in copies:
                     shutil.copytree(dump, base / copy)
+                    bind_run_file(base / copy / "checkpoint")
                 if name == "newer":  # for the one-process restart in the test
                     shutil.copytree(rank_folder(shm) / "step-6", base / "stale-rank-0" / "step-6")
             dist.barrier()

@@ -7,7 +7,9 @@ the RAM steps are known. Real SIGKILLs under torchrun are in test_restarts.py an
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -101,6 +103,12 @@ def copy_of(crashed: Path, where: Path) -> tuple[Path, Path, list[str]]:
     dump, shm = where / "run", where / "shm"
     shutil.copytree(crashed / "run", dump)
     shutil.copytree(crashed / "shm", shm)
+    # A copy of a folder is another run (its RAM steps are not the copy's): bind the run file to the copy,
+    # so that the copy stands for the crashed job itself.
+    run_file = dump / "checkpoint" / RUN_FILE
+    record = json.loads(run_file.read_text())
+    st = os.stat(run_file.parent)
+    run_file.write_text(json.dumps({**record, "folder": [str(run_file.parent), st.st_dev, st.st_ino]}))
     # The restart keeps the tier on (its RAM steps are read) but saves no more: only the load is under test.
     return dump, shm, memory_args(shm, 100, "--checkpoint.keep_latest_k", "1")
 
@@ -150,7 +158,7 @@ def test_damaged_renamed_or_missing_memory_steps_fall_back_to_disk(straight, cra
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer = finish(dump, args)
-    assert "removing in-memory step 9 of rank 0: written by another layout, run or step (step 7" in caplog.text
+    assert "removing in-memory step 9 of rank 0 (written by another layout, run or step: step 7" in caplog.text
     assert_same_run(straight, dump, trainer, first=5)
 
     dump, shm, args = copy_of(crashed, tmp_path / "rebooted")
@@ -199,7 +207,7 @@ def test_inspect_lists_memory_steps_apart_and_verify_checks_one(crashed):
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_a_new_run_in_a_fresh_folder_never_loads_another_runs_memory(crashed, tmp_path, caplog):
+def test_a_copied_or_new_folder_never_loads_another_runs_memory(straight, crashed, tmp_path, caplog):
     _, shm, _ = copy_of(crashed, tmp_path)
     (run_a,) = shm.iterdir()
     with caplog.at_level(logging.INFO):
@@ -208,6 +216,33 @@ def test_a_new_run_in_a_fresh_folder_never_loads_another_runs_memory(crashed, tm
     assert len(list(shm.iterdir())) == 2 and rank_folder_of(run_a).committed_steps() == [6, 7]
     run_files = [(where / "checkpoint" / RUN_FILE).read_text() for where in (tmp_path / "run", tmp_path / "b")]
     assert run_files[0] != run_files[1]
+
+    dump = tmp_path / "forked"  # cp -r of the job's folder, to start an experiment from it
+    shutil.copytree(tmp_path / "run", dump)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, memory_args(shm, 100))
+    assert "resuming from the in-memory checkpoint" not in caplog.text
+    assert "loaded " + str(dump / "checkpoint" / "step-4") in caplog.text
+    assert_same_run(straight, dump, trainer, first=5)
+    assert rank_folder_of(run_a).committed_steps() == [6, 7], "the original job's RAM steps are untouched"
+
+
+def test_wiped_durable_steps_or_a_rollback_drop_the_ram_steps_that_extend_them(straight, crashed, tmp_path, caplog):
+    dump, shm, args = copy_of(crashed, tmp_path / "wiped")
+    shutil.rmtree(dump / "checkpoint" / "step-4")  # rm -rf checkpoint/*: the dot files stay
+    with caplog.at_level(logging.INFO):
+        trainer = finish(dump, args)
+    assert "removing in-memory step 7 of rank 0 (durable step-4, which is gone)" in caplog.text
+    assert trainer.loaded_step is None and "no checkpoint in" in caplog.text
+    assert_same_run(straight, dump, trainer, first=1)
+
+    dump, shm, args = copy_of(crashed, tmp_path / "rollback")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer = crash(dump, [*args, "--checkpoint.load_step", "4"], at=5)
+    assert "removing in-memory step 7 of rank 0: the job resumed at step 4" in caplog.text
+    assert rank_folder(shm).committed_steps() == [], "steps 6 and 7 of the abandoned trajectory are gone"
 
 
 def rank_folder_of(run: Path) -> CheckpointFolder:
@@ -269,3 +304,17 @@ def test_memory_interval_without_saving_is_refused(tmp_path):
         out = subprocess.run([sys.executable, "-m", "savepoint", "check", "--checkpoint.memory_interval", "2", *extra],
                              capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 1 and "--checkpoint.memory_interval=2 asks for in-memory saves" in out.stderr
+
+
+def test_a_memory_folder_removed_mid_run_costs_ram_saves_not_the_run(straight, tmp_path, caplog):
+    """tmpwatch or an operator removes the RAM folder while the job runs: the saves warn, training goes on."""
+    dump, shm = tmp_path / "run", tmp_path / "shm"
+    trainer = keep_up(Trainer(make_config(dump, *memory_args(shm))))
+    trainer.train(stop_after=2)
+    trainer.checkpointer.memory.finish()
+    shutil.rmtree(shm)
+    with caplog.at_level(logging.INFO):
+        trainer.train()  # on from step 2 to the end, in the same job
+    trainer.checkpointer.close()
+    assert "in-memory save of step 3 on rank 0" in caplog.text
+    assert_same_run(straight, dump, trainer, first=1)

@@ -17,7 +17,7 @@ import pytest
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.train import Trainer
 from tests.conftest import ROOT, make_config
-from tests.memory_worker import ARGS, SCENARIOS, STEPS
+from tests.memory_worker import ARGS, SCENARIOS, STEPS, bind_run_file
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_a_restart_at_another_layout_ignores_the_ram_copies(results, tmp_path, c
         subprocess.run(["cp", "-a", str(src / f"step-{step}"), str(job)], check=True)
     (job / ".savepoint.run").write_text((src / ".savepoint.run").read_text().replace(
         str(results["base"] / "newer" / "shm"), str(shm)))
+    bind_run_file(job)  # the two-process job's run, as if it restarted here at one process
     run_id = json.loads((job / ".savepoint.run").read_text())["run"]
     two_proc_ram = shm / run_id / "rank-0"
     two_proc_ram.mkdir(parents=True)
@@ -89,5 +90,5 @@ def test_a_restart_at_another_layout_ignores_the_ram_copies(results, tmp_path, c
         trainer.checkpointer.memory.finish()
         trainer.checkpointer.lock.release()
     assert trainer.loaded_step == 4
-    assert "removing in-memory step 6 of rank 0: written by another layout, run or step" in caplog.text
+    assert "removing in-memory step 6 of rank 0 (written by another layout, run or step" in caplog.text
     assert CheckpointFolder(two_proc_ram).committed_steps() == [5]  # its own copy of step 5 only

@@ -150,7 +150,7 @@ class CheckpointManager:
         if more:
             return self.check_stop(step, stop_requested, memory_due)
         if memory_due:  # training stops here without a final save (``stop_after``): as at any other step
-            self._memory_save(step, self._verdicts(False)[2])
+            self._memory_save(step, self._verdicts(False, step)[2])
         return False
 
     def check_stop(self, step: int, stop_requested: Callable[[int], bool], memory_due: bool = False) -> bool:
@@ -164,19 +164,19 @@ class CheckpointManager:
         Raises:
             CheckpointError: the preemption save failed.
         """
-        commit, stop, memory_idle = self._verdicts(stop_requested(step))
+        commit, stop, memory_ready = self._verdicts(stop_requested(step), step if memory_due else None)
         if commit:
             self._logged(self.finish_inflight)
         if stop:
             self._save_for_preemption(step)
         elif memory_due:
-            self._memory_save(step, memory_idle)
+            self._memory_save(step, memory_ready)
         return stop
 
-    def _memory_save(self, step: int, every_rank_idle: bool) -> None:
+    def _memory_save(self, step: int, every_rank_ready: bool) -> None:
         assert self.memory is not None
-        if every_rank_idle:
-            self.memory.save(step)
+        if every_rank_ready:
+            self.memory.save(step, self.writer.committed)
         else:
             self.memory.skip(step)
 
@@ -190,14 +190,14 @@ class CheckpointManager:
             self.finish_inflight()
         return stop
 
-    def _verdicts(self, stop_requested: bool) -> tuple[bool, bool, bool]:
-        """(an async save is in flight and written on every rank, some rank passed ``stop_requested``,
-        no rank is still writing an in-memory save)."""
+    def _verdicts(self, stop_requested: bool, memory_step: int | None = None) -> tuple[bool, bool, bool]:
+        """(an async save is in flight and written on every rank, some rank passed ``stop_requested``, every
+        rank is ready for the in-memory save of ``memory_step``: not writing one, room for it)."""
         inflight = self.saver is not None and self.saver.inflight is not None
-        memory_idle = self.memory is None or self.memory.idle()
-        (done, all_idle), (stop,) = self.coord.verdicts([not inflight or self.saver.done(), memory_idle],
-                                                        [stop_requested])
-        return inflight and done, stop, all_idle
+        ready = memory_step is None or self.memory is None or self.memory.ready(memory_step)
+        (done, all_ready), (stop,) = self.coord.verdicts([not inflight or self.saver.done(), ready],
+                                                         [stop_requested])
+        return inflight and done, stop, all_ready
 
     @staticmethod
     def _logged(save: Callable[[], T]) -> T | None:
@@ -306,6 +306,13 @@ class CheckpointManager:
     # ---- loading -----------------------------------------------------------------------------
 
     def load(self, step: int = -1) -> int | None:
+        """Restore state at start-up (see ``_load``); then drop the in-memory steps past the step resumed at."""
+        loaded = self._load(step)
+        if self.memory is not None:
+            self.memory.drop_newer_than(loaded)
+        return loaded
+
+    def _load(self, step: int = -1) -> int | None:
         """Restore state at start-up; returns the loaded step, or None for a fresh start.
 
         ``step == -1`` resumes from the latest committed step in the folder; when there is none,
@@ -347,7 +354,7 @@ class CheckpointManager:
         if self.memory is None:
             return None
         durable_latest = committed[-1] if committed else None
-        for step in self.memory.candidates(durable_latest):
+        for step in self.memory.candidates(durable_latest, committed):
             if self.memory.load(step):
                 # Durable saves go on as before: the preemption save writes this step durably if due.
                 self.writer.committed = durable_latest

@@ -57,11 +57,13 @@ from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.durable import fsync_dir, write_file
 from savepoint.errors import CheckpointError, CorruptCheckpointError
+from savepoint.safe_io import read_regular
 from savepoint.values import LoadedValueError, show_value
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = ".savepoint.run"  # in the durable checkpoint folder: the run id, and where its RAM copies live
+RUN_FILE_LIMIT = 4096
 MEMORY_FORMAT = "savepoint.memory-step/1"
 MEMORY_KIND = "memory"
 # A RAM save leaves at least this share of the folder's filesystem free (at most RESERVE_CAP bytes):
@@ -74,33 +76,46 @@ SLACK = 4 << 20  # a step's files beyond its tensor bytes: pickled values, .meta
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+def _folder_identity(root: Path) -> list[Any]:
+    """The durable folder as the run file binds it: its absolute path and its inode, so that a copy (``cp -r``),
+    a move or a folder recreated under the same name is another run."""
+    st = os.stat(root)
+    return [str(Path(root).absolute()), st.st_dev, st.st_ino]
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(read_regular(path, RUN_FILE_LIMIT, "run file", CheckpointError))
+    except (OSError, ValueError, CheckpointError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def run_id(durable_root: Path, memory_folder: Path) -> str:
-    """The run id in ``durable_root/.savepoint.run``, created on first use (rank 0, which holds the folder lock)."""
+    """The run id in ``durable_root/.savepoint.run`` (rank 0, which holds the folder lock).
+
+    A new id is made when there is none, when the file names another folder (the folder was copied,
+    moved or recreated: its RAM steps are another run's), or when it is damaged.
+    """
     path = durable_root / RUN_FILE
-    record: dict[str, Any] = {}
-    if path.is_file() and not path.is_symlink():
-        try:
-            record = json.loads(path.read_bytes()[:4096])
-        except (OSError, ValueError):
-            record = {}
-    run = record.get("run") if isinstance(record, dict) else None
-    if not _is_run_id(run):
+    record = _read_record(path) or {}
+    identity = _folder_identity(durable_root)
+    run = record.get("run")
+    if not _is_run_id(run) or record.get("folder") != identity:
         run = uuid.uuid4().hex
-    if record != {"run": run, "memory_folder": str(memory_folder)}:
+    wanted = {"run": run, "folder": identity, "memory_folder": str(memory_folder)}
+    if record != wanted:
         tmp = path.with_name(RUN_FILE + ".tmp")
-        write_file(tmp, (json.dumps({"run": run, "memory_folder": str(memory_folder)}) + "\n").encode())
+        write_file(tmp, (json.dumps(wanted) + "\n").encode())
         os.replace(tmp, path)
         fsync_dir(durable_root)
     return run
 
 
-def read_run(durable_root: Path) -> dict[str, str] | None:
-    """``{"run", "memory_folder"}`` of a checkpoint folder whose job used the in-memory tier, else None."""
-    try:
-        record = json.loads((Path(durable_root) / RUN_FILE).read_bytes()[:4096])
-    except (OSError, ValueError):
-        return None
-    if isinstance(record, dict) and _is_run_id(record.get("run")) and isinstance(record.get("memory_folder"), str):
+def read_run(durable_root: Path) -> dict[str, Any] | None:
+    """``{"run", "folder", "memory_folder"}`` of a checkpoint folder whose job used the in-memory tier, else None."""
+    record = _read_record(Path(durable_root) / RUN_FILE)
+    if record is not None and _is_run_id(record.get("run")) and isinstance(record.get("memory_folder"), str):
         return record
     return None
 
@@ -186,6 +201,14 @@ class MemoryTier:
         self.short_of_space = False  # the last due save was skipped for want of space (warn once per episode)
         self.skipped = 0  # due saves skipped while the save in flight is written
         self.warned_slow = False
+        self.step_bytes: int | None = None
+        self.durable_step: int | None = None  # the newest durable step when the save in flight began
+        # The ranks of this node, which share its memory folder (torchrun sets LOCAL_WORLD_SIZE).
+        self.local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        if self.world_size > 1 and cfg.memory_keep_latest_k == 1:
+            logger.warning("--checkpoint.memory_keep_latest_k=1 at %d ranks: a crash while the ranks write a RAM "
+                           "step can leave no step that every rank holds (the others have replaced theirs), and "
+                           "the restart then loads from disk; 2 (the default) keeps the one before", self.world_size)
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -215,10 +238,12 @@ class MemoryTier:
                 "folder (tmpfs, such as /dev/shm) that every rank can write, or set --checkpoint.memory_interval 0 "
                 "to turn the in-memory tier off")
 
-    def usable_steps(self) -> list[int]:
-        """This rank's committed RAM steps whose manifest is sound and names this step, run, rank and layout.
+    def usable_steps(self, committed: list[int]) -> list[int]:
+        """This rank's committed RAM steps whose manifest is sound and names this step, run, rank and layout, and
+        whose durable step (the newest durable step when it was saved) is still committed (``committed``).
 
-        Other steps (another layout, after a restart with other settings; a folder renamed) are removed.
+        Other steps are removed: another layout (a restart with other settings), a renamed folder, or a
+        durable history that is gone (its steps were deleted to start over or to roll back).
         """
         assert self.folder is not None
         usable = []
@@ -231,21 +256,40 @@ class MemoryTier:
             identity = None if manifest is None else (manifest.get("format"), manifest.get("step"),
                                                       manifest.get("run"), manifest.get("rank"),
                                                       manifest.get("layout"))
-            if identity == (MEMORY_FORMAT, step, self.run, self.rank, self.layout):
+            durable = None if manifest is None else manifest.get("durable_step")
+            if identity == (MEMORY_FORMAT, step, self.run, self.rank, self.layout) and \
+                    (durable is None or durable in committed):
                 usable.append(step)
                 continue
-            logger.info("removing in-memory step %d of rank %d: written by another layout, run or step (%s)", step,
-                        self.rank, "no manifest" if manifest is None else
-                        f"step {manifest.get('step')}, layout {manifest.get('layout')}")
-            try:
-                self.folder.delete(step)
-            except OSError as e:
-                logger.warning("could not remove %s (%s)", self.folder.step_dir(step), e)
+            why = ("no manifest" if manifest is None else f"durable step-{durable}, which is gone"
+                   if identity == (MEMORY_FORMAT, step, self.run, self.rank, self.layout) else
+                   f"written by another layout, run or step: step {manifest.get('step')}, "
+                   f"layout {manifest.get('layout')}")
+            logger.info("removing in-memory step %d of rank %d (%s)", step, self.rank, why)
+            self._delete(step)
         return usable
 
-    def candidates(self, durable_latest: int | None) -> list[int]:
+    def _delete(self, step: int) -> None:
+        assert self.folder is not None
+        try:
+            self.folder.delete(step)
+        except OSError as e:
+            logger.warning("could not remove %s (%s)", self.folder.step_dir(step), e)
+
+    def drop_newer_than(self, step: int | None) -> None:
+        """After the job resumed at ``step`` (None: a fresh start), this rank's RAM steps past it belong to a
+        trajectory that is not being continued: they are removed, so that no later restart mixes them in."""
+        if self.folder is None:
+            return
+        for newer in self.folder.committed_steps():
+            if step is None or newer > step:
+                logger.info("removing in-memory step %d of rank %d: the job resumed at %s", newer, self.rank,
+                            f"step {step}" if step is not None else "a fresh start")
+                self._delete(newer)
+
+    def candidates(self, durable_latest: int | None, committed: list[int]) -> list[int]:
         """The RAM steps every rank has, at least as new as ``durable_latest``, newest first (alike on every rank)."""
-        _, everyone = self.coord.agree(None, self.usable_steps())
+        _, everyone = self.coord.agree(None, self.usable_steps(committed))
         common = set(everyone[0]).intersection(*everyone[1:])
         newer = sorted((s for s in common if durable_latest is None or s >= durable_latest), reverse=True)
         if not newer and any(everyone):
@@ -323,40 +367,66 @@ class MemoryTier:
         """No RAM save is being written (one may be written and not yet committed)."""
         return self.saver.inflight is None or self.saver.done()
 
+    def ready(self, step: int) -> bool:
+        """This rank's vote on saving ``step``: no save is being written and there is room (every rank's vote
+        decides, so that all ranks hold the same steps). Never raises."""
+        try:
+            return self.idle() and self._room_for(step, self._step_bytes())
+        except (Exception, CheckpointException) as e:
+            logger.warning("in-memory save of step %d on rank %d: cannot check the room for it (%s); skipped",
+                           step, self.rank, e)
+            return False
+
+    def _step_bytes(self) -> int:
+        """What one RAM step of this rank takes (measured once: the state's sizes do not change)."""
+        if self.step_bytes is None:
+            state = {**_to_local(self.model_state.state_dict()),
+                     **{n: _to_local(c.state_dict()) for n, c in self.states.items()}}
+            self.step_bytes = _tensor_bytes(state) + SLACK
+        return self.step_bytes
+
     def skip(self, step: int) -> None:
-        """Some rank is still writing the previous RAM save: every rank skips ``step`` (training is not held up)."""
+        """Some rank is still writing the previous RAM save, or has no room: every rank skips ``step``."""
         self.skipped += 1
-        if not self.warned_slow:
+        if not self.warned_slow and not self.short_of_space:
             self.warned_slow = True
             logger.warning("in-memory save of step %d skipped: some rank is still writing the one before (a RAM "
-                           "save takes longer than --checkpoint.memory_interval=%d step(s) here); due saves are "
-                           "skipped while one is written, and each saved step's log line counts them",
-                           step, self.cfg.memory_interval)
+                           "save takes longer than --checkpoint.memory_interval=%d step(s) here) or has no room; "
+                           "due saves are skipped until every rank is ready, and each saved step's log line "
+                           "counts them", step, self.cfg.memory_interval)
 
-    def save(self, step: int) -> None:
-        """Start this rank's RAM save of ``step`` (after committing the one before); never raises."""
+    def save(self, step: int, durable_step: int | None) -> None:
+        """Start this rank's RAM save of ``step`` (after committing the one before); never raises.
+
+        ``durable_step``: the newest durable step now; a restart uses this RAM step only while that one
+        is still committed.
+        """
         assert self.folder is not None
         self.finish()
-        state = {**_to_local(self.model_state.state_dict()),
-                 **{n: _to_local(c.state_dict()) for n, c in self.states.items()}}
-        if not self._room_for(step, _tensor_bytes(state) + SLACK):
-            return
+        staging: Path | None = None
         try:
+            state = {**_to_local(self.model_state.state_dict()),
+                     **{n: _to_local(c.state_dict()) for n, c in self.states.items()}}
             staging = self.folder.begin(step)
+            self.durable_step = durable_step
             self.saver.start(step, MEMORY_KIND, staging, state, DefaultSavePlanner(), HashingWriter(staging))
         except (Exception, CheckpointException) as e:
             logger.warning("in-memory save of step %d on rank %d could not start (%s); training continues",
                            step, self.rank, e)
-            self.folder.abort(step)
+            self.saver.inflight = None
+            if staging is not None:
+                self.folder.abort(step)
 
     def _room_for(self, step: int, need: int) -> bool:
-        """Whether ``need`` bytes fit and leave the reserve free, after dropping this rank's older RAM steps
-        if that makes room (a newer step is worth more than an older one)."""
+        """Whether ``need`` bytes from each rank of this node fit and leave the reserve free, after dropping this
+        rank's older RAM steps if that makes room (a newer step is worth more than an older one)."""
         assert self.folder is not None
+        need *= self.local_ranks  # every rank of the node writes one at the same time, into the same tmpfs
         usage = shutil.disk_usage(self.folder.root)
         reserve = min(int(usage.total * RESERVE), RESERVE_CAP)
         older = self.folder.committed_steps()
-        if usage.free - need < reserve and usage.free + folder_bytes(self.folder.root) - need >= reserve:
+        mine = folder_bytes(self.folder.root) * self.local_ranks
+        if usage.free - need < reserve and usage.free + mine - need >= reserve:
             while usage.free - need < reserve and older:
                 dropped = older.pop(0)
                 self.folder.delete(dropped)
@@ -368,11 +438,11 @@ class MemoryTier:
             self.short_of_space = False
             return True
         if not self.short_of_space:
-            logger.warning("skipping the in-memory save of step %d on rank %d: it needs %.3f GB and %s has %.3f GB "
-                           "free, of which %.3f GB stay free for other users; in-memory saves are skipped until "
-                           "there is room (durable saves go on); free memory there or point "
-                           "--checkpoint.memory_folder at a bigger tmpfs", step, self.rank, need / 1e9,
-                           self.folder.root, usage.free / 1e9, reserve / 1e9)
+            logger.warning("skipping the in-memory save of step %d on rank %d: the %d rank(s) of this node need "
+                           "%.3f GB and %s has %.3f GB free, of which %.3f GB stay free for other users; in-memory "
+                           "saves are skipped until there is room (durable saves go on); free memory there or "
+                           "point --checkpoint.memory_folder at a bigger tmpfs", step, self.rank, self.local_ranks,
+                           need / 1e9, self.folder.root, usage.free / 1e9, reserve / 1e9)
         self.short_of_space = True
         return False
 
@@ -430,6 +500,7 @@ class MemoryTier:
             "rank": self.rank,
             "world_size": self.world_size,
             "layout": self.layout,
+            "durable_step": self.durable_step,
             "torch_version": torch.__version__,
             "created_unix": time.time(),
             "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()},
