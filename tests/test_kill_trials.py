@@ -76,7 +76,7 @@ def test_kill_trials_at_pp2(tmp_path, trials, seed, mode, min_kills, timeout):
                                          "--world-size", "2", "--pp", "2", "--steps", "3"], timeout)
     modes = MODES if mode == "all" else tuple(mode.split(","))
     assert summary["trials"] == trials and summary["by_mode"] == _by_mode(trials, modes)
-    assert summary["layout"] == {"world_size": 2, "pp": 2, "pp_schedule": "Interleaved1F1B"}
+    assert summary["layout"] == {"world_size": 2, "pp": 2, "pp_schedule": "Interleaved1F1B", "memory_interval": 0}
     assert not summary["bad_trials"], json.dumps(summary["bad_trials"], indent=1)[:6000]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = re.search(r"^restarts: .*resume (\d+)", proc.stdout, re.MULTILINE)
