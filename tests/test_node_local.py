@@ -1,4 +1,4 @@
-"""Node-local checkpoint folders: a job whose ranks save into different folders stops, committing nothing.
+"""Node-local checkpoint folders: a job whose ranks save into different folders stops before its first step.
 
 Two torchrun launches on this machine act as two nodes (``--nnodes 2 --node_rank 0|1``), each
 given its own ``--job.dump_folder``, as node-local disks would be. One spawn runs every scenario:
@@ -140,6 +140,7 @@ def test_node_local_folders_stop_the_job_and_commit_nothing(two_nodes, name):
         got = result[name]
         assert got["outcome"].startswith("FatalCheckpointError: " + _not_shared(base, folder)), (rank, got)
         assert "shared by every node" in got["outcome"] and "--job.dump_folder" in got["outcome"]
+        assert "stopping before the first step" in got["outcome"]  # the start-up probe, not the first save
         assert got["entries"] == [], (rank, got["entries"])  # no step, no staging folder left on either node
         assert got["saved"] == []
 
