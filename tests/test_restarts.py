@@ -116,8 +116,9 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_bit_exact(tmp_path, r
     if memory_interval:
         assert expected > INTERVAL, f"both ranks held an in-memory step newer than {INTERVAL} when one was killed"
         assert FROM_MEMORY.findall(out) == [str(expected)], out[-3000:]
-        # Rank 0 survived rank 1 (its output is shown): one line, not gloo's traceback.
-        assert "error: another rank of the job is gone" in out and "Traceback" not in out, out[-3000:]
+        # Rank 0 survived rank 1 (its output is shown, unless torchrun stopped showing it first): at most the
+        # one line "error: another rank of the job is gone ...", never gloo's traceback.
+        assert "Traceback" not in out, out.split("restarting every worker")[0][-3000:]
     else:
         assert not FROM_MEMORY.findall(out)
     records, _ = read_losses(dump)
