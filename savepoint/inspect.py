@@ -54,7 +54,7 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
 
 def _memory_lines(target: Path) -> list[str]:
     """The in-memory steps of the folder's run on this node, which are not durable steps (see ``memory.py``)."""
-    from savepoint.checkpoint.memory import memory_steps, read_run
+    from savepoint.checkpoint.memory_run import memory_steps, read_run
 
     by_rank = memory_steps(target)
     if not any(by_rank.values()):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from savepoint.checkpoint.memory import RUN_FILE, memory_steps, read_run
+from savepoint.checkpoint.memory_run import RUN_FILE, memory_steps, read_run
 from savepoint.checkpoint.storage import CheckpointFolder
 from savepoint.train import Trainer
 from tests.conftest import ROOT, losses, make_config

@@ -8,8 +8,8 @@ local shard, not the whole tensor) with a manifest and checksums, written into a
 save goes through the async machinery (a background copy, then a writer thread); it involves no
 other rank, so it neither waits for nor blocks the others.
 
-``<run>`` is an id kept in the durable checkpoint folder (``.savepoint.run``): a restart of the same
-job finds its RAM copies, and a new job in a fresh folder never loads another job's.
+``<run>`` is an id kept in the durable checkpoint folder (``.savepoint.run``, see ``memory_run.py``):
+a restart of the same job finds its RAM copies, and a new job in a fresh folder never loads another job's.
 
 At start-up every rank lists its usable RAM steps; the ranks take the newest step every rank has,
 if it is at least as new as the newest durable step, and load it. A rank whose copy is missing,
@@ -25,12 +25,10 @@ is made (the trainer copies its state once). The tier is removed when the job en
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +46,7 @@ from savepoint.checkpoint.completeness import remove_mark
 from savepoint.checkpoint.coordination import Coordinator, my_rank
 from savepoint.checkpoint.hashing import HashingWriter, collect_checksums
 from savepoint.checkpoint.manifest import manifest_bytes, read_manifest
+from savepoint.checkpoint.memory_run import RUN_FILE, run_id
 from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
@@ -55,15 +54,11 @@ from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import OPTIMIZER, ModelState, OptimizerState
 from savepoint.checkpoint.storage import CheckpointFolder, folder_bytes
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
-from savepoint.durable import fsync_dir, write_file
 from savepoint.errors import CheckpointError, CorruptCheckpointError
-from savepoint.safe_io import read_regular
 from savepoint.values import LoadedValueError, show_value
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = ".savepoint.run"  # in the durable checkpoint folder: the run id, and where its RAM copies live
-RUN_FILE_LIMIT = 4096
 MEMORY_FORMAT = "savepoint.memory-step/1"
 MEMORY_KIND = "memory"
 # A RAM save leaves at least this share of the folder's filesystem free (at most RESERVE_CAP bytes):
@@ -74,66 +69,6 @@ SLACK = 4 << 20  # a step's files beyond its tensor bytes: pickled values, .meta
 
 # Each rank saves and loads its RAM steps alone; DCP warns about that every time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def _folder_identity(root: Path) -> list[Any]:
-    """The durable folder as the run file binds it: its absolute path and its inode, so that a copy (``cp -r``),
-    a move or a folder recreated under the same name is another run."""
-    st = os.stat(root)
-    return [str(Path(root).absolute()), st.st_dev, st.st_ino]
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(read_regular(path, RUN_FILE_LIMIT, "run file", CheckpointError))
-    except (OSError, ValueError, CheckpointError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def run_id(durable_root: Path, memory_folder: Path) -> str:
-    """The run id in ``durable_root/.savepoint.run`` (rank 0, which holds the folder lock).
-
-    A new id is made when there is none, when the file names another folder (the folder was copied,
-    moved or recreated: its RAM steps are another run's), or when it is damaged.
-    """
-    path = durable_root / RUN_FILE
-    record = _read_record(path) or {}
-    identity = _folder_identity(durable_root)
-    run = record.get("run")
-    if not _is_run_id(run) or record.get("folder") != identity:
-        run = uuid.uuid4().hex
-    wanted = {"run": run, "folder": identity, "memory_folder": str(memory_folder)}
-    if record != wanted:
-        tmp = path.with_name(RUN_FILE + ".tmp")
-        write_file(tmp, (json.dumps(wanted) + "\n").encode())
-        os.replace(tmp, path)
-        fsync_dir(durable_root)
-    return run
-
-
-def read_run(durable_root: Path) -> dict[str, Any] | None:
-    """``{"run", "folder", "memory_folder"}`` of a checkpoint folder whose job used the in-memory tier, else None."""
-    record = _read_record(Path(durable_root) / RUN_FILE)
-    if record is not None and _is_run_id(record.get("run")) and isinstance(record.get("memory_folder"), str):
-        return record
-    return None
-
-
-def _is_run_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
-
-
-def memory_steps(durable_root: Path) -> dict[str, list[int]]:
-    """The committed RAM steps of a checkpoint folder's run on this node, by rank folder (for ``inspect``)."""
-    record = read_run(durable_root)
-    if record is None:
-        return {}
-    run_root = Path(record["memory_folder"]) / record["run"]
-    if not run_root.is_dir():
-        return {}
-    return {entry.name: CheckpointFolder(entry).committed_steps()
-            for entry in sorted(run_root.iterdir()) if entry.name.startswith("rank-") and entry.is_dir()}
 
 
 def _local(value: Any) -> Any:
