@@ -108,7 +108,7 @@ def _one_path(argv: list[str], command: str) -> str | None:
         raise SavepointError(f"{usage} (one path, got {len(argv)} arguments)")
     from savepoint.config.problems import url_problem
 
-    for line in url_problem(f"savepoint {command}", argv[0], sep=" "):
+    for line in url_problem(f"savepoint {command}", argv[0], sep=" ", s3=True):
         raise SavepointError(line)
     return argv[0]
 

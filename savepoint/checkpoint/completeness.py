@@ -15,8 +15,10 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from savepoint.checkpoint.hashing import SIDECAR_SUFFIX
 from savepoint.checkpoint.reader import VerifyingReader
@@ -72,8 +74,12 @@ def writer_view(staging: Path, rank: int) -> WriterView:
     return WriterView(rank, socket.gethostname(), os.path.abspath(staging.parent), _read_mark(staging), files)
 
 
-def check_complete(step: int, staging: Path, views: list[WriterView]) -> None:
+def check_complete(step: int, staging: Path, views: list[WriterView],
+                   size_of: Callable[[str], int | None] | None = None, metadata: Any = None) -> None:
     """Rank 0, before committing: every rank wrote into this folder, and every file is here in full.
+
+    ``size_of(name)`` gives a file's size (None: missing); the default looks in the local folder.
+    ``metadata`` is the step's ``.metadata`` (read by the caller; None: read it here, if there is one).
 
     Raises:
         FatalCheckpointError: some rank saves into another folder than rank 0's (not shared).
@@ -86,14 +92,18 @@ def check_complete(step: int, staging: Path, views: list[WriterView]) -> None:
     elsewhere = [v for v in views if v.mark != own.mark]
     if elsewhere:
         raise FatalCheckpointError(not_shared_message(step, own, elsewhere))
+    size_of = size_of or (lambda name: _size(staging / name))
     problems = []
     for view in views:
         for name, size in view.files.items():
-            actual = _size(staging / name)
+            actual = size_of(name)
             if actual != size:
                 problems.append(f"rank {view.rank} wrote {name} ({size} bytes), here "
                                 + ("it is missing" if actual is None else f"it has {actual} bytes"))
-    problems += _missing_from_metadata(staging)
+    if metadata is None and (staging / DCP_MARKER).is_file():  # else a Hugging Face export: rank 0 wrote it all
+        metadata = VerifyingReader(staging).read_metadata()
+    if metadata is not None:
+        problems += _missing_from_metadata(metadata, size_of)
     if problems:
         raise CheckpointError(f"refusing to commit {staging}: it does not hold every file of the step: "
                               + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5
@@ -107,17 +117,14 @@ def _size(path: Path) -> int | None:
         return -2  # not a regular file: never the size a writer reported
 
 
-def _missing_from_metadata(staging: Path) -> list[str]:
+def _missing_from_metadata(metadata: Any, size_of: Callable[[str], int | None]) -> list[str]:
     """Files that ``.metadata`` (written by DCP's coordinator) places items in, but which are absent or short."""
-    if not (staging / DCP_MARKER).is_file():
-        return []  # a Hugging Face export: rank 0 wrote every file itself
-    metadata = VerifyingReader(staging).read_metadata()
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     problems = []
     for name, end in sorted(needed.items()):
-        actual = _size(staging / name)
+        actual = size_of(name)
         if actual is None or actual < end:
             problems.append(f"{DCP_MARKER} places items in {name} up to byte {end}, here "
                             + ("it is missing" if actual is None else f"it has {actual} bytes"))

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from savepoint.checkpoint.coordination import is_rank0
+from savepoint.checkpoint.object_folder import downloaded, uploaded_from_local
+from savepoint.checkpoint.objstore import ObjectPath, is_url
 from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.writing import Produce
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
@@ -87,6 +89,9 @@ class HFSteps:
         dtype = torch_dtype(self.cfg.export_dtype)
 
         def produce(staging: Path) -> bool:
+            if isinstance(staging, ObjectPath):  # safetensors writes files: write locally, then upload
+                with uploaded_from_local(staging) as local:
+                    return produce(local)
             if _holds_part(adapter, model_sd, group):
                 _export_pipelined(adapter, model_sd, group, dtype, staging, self._finisher(dtype))
             else:
@@ -132,8 +137,15 @@ class HFSteps:
                                   "(or --model.hf_assets_path) to a Hugging Face model folder")
         if self.adapter is None:
             raise CheckpointError("--checkpoint.initial_load_in_hf: this model has no Hugging Face adapter")
+        if is_url(source):  # safetensors reads files: download the folder first
+            with downloaded(ObjectPath(source)) as local:
+                return self._load_hf(model, local, source)
+        return self._load_hf(model, source, source)
+
+    def _load_hf(self, model: torch.nn.Module, local: Any, source: Any) -> None:
+        assert self.adapter is not None
         start = time.perf_counter()
-        folder = SafetensorsReader(source)  # plain reads: nothing stays resident after each tensor
+        folder = SafetensorsReader(local)  # plain reads: nothing stays resident after each tensor
         where = f"--checkpoint.initial_load_path={source}" if self.cfg.initial_load_path else \
             f"--model.hf_assets_path={source}"
         sources = self.adapter.plan_load(folder, where)  # the same check as convert_from_hf

@@ -26,7 +26,7 @@ from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.checkpoint.states import DATALOADER, OPTIMIZER, TRAIN_STATE, ModelState, StagedLoad
-from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.checkpoint.storage import CheckpointFolder, holds
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.durable import DCP_MARKER
 from savepoint.errors import CheckpointError, CorruptCheckpointError
@@ -101,7 +101,7 @@ class StepLoader:
 
     def load_initial(self, path: Path) -> int:
         """Load ``--checkpoint.initial_load_path``: model only (returns 0) or in full (returns its step)."""
-        if not (path / DCP_MARKER).is_file():
+        if not holds(path, DCP_MARKER):
             raise CheckpointError(
                 f"--checkpoint.initial_load_path={path} is not a DCP checkpoint folder (no {DCP_MARKER}); "
                 "point it at a step-N folder"

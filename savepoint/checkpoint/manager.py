@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -27,7 +26,7 @@ from savepoint.checkpoint.memory import MemoryTier
 from savepoint.checkpoint.shared import check_shared
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.states import MODEL, ModelState
-from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.checkpoint.storage import checkpoint_location, location, open_folder
 from savepoint.checkpoint.writing import StepWriter
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 from savepoint.dtypes import torch_dtype
@@ -67,7 +66,7 @@ class CheckpointManager:
                  hf_assets_path: str | None = None):
         self.hf = HFSteps(cfg, hf_adapter, hf_assets_path)  # first: missing tokenizer files fail fast
         self.cfg = cfg
-        self.folder = CheckpointFolder(Path(dump_folder) / cfg.folder)
+        self.folder = open_folder(checkpoint_location(dump_folder, cfg.folder))
         self.model_state = ModelState(model)
         self.states = states
         self.job_config = job_config
@@ -344,7 +343,7 @@ class CheckpointManager:
             self.hf.load_initial(self.model_state.model)
             return 0
         if self.cfg.initial_load_path:
-            return self.loader.load_initial(Path(self.cfg.initial_load_path))
+            return self.loader.load_initial(location(self.cfg.initial_load_path))
         logger.info("no checkpoint in %s: fresh start", self.folder.root)
         return None
 

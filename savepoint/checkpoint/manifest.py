@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from savepoint.checkpoint.hashing import ALGORITHM, hexdigest
+from savepoint.checkpoint.objstore import ObjectPath
 from savepoint.durable import MANIFEST
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 from savepoint.safe_io import read_regular
@@ -50,11 +51,20 @@ def read_manifest(step_dir: Path) -> dict[str, Any] | None:
     Raises:
         CorruptCheckpointError: something is at ``manifest.json`` but it is not a sound manifest.
     """
-    path = Path(step_dir) / MANIFEST
-    try:
-        raw = read_regular(path, MANIFEST_LIMIT, "manifest", CorruptCheckpointError)
-    except FileNotFoundError:
-        return None
+    if isinstance(step_dir, ObjectPath):
+        from savepoint.checkpoint.object_folder import read_object
+
+        path: Any = step_dir / MANIFEST
+        try:
+            raw = read_object(path, MANIFEST_LIMIT, "manifest")
+        except FileNotFoundError:
+            return None
+    else:
+        path = Path(step_dir) / MANIFEST
+        try:
+            raw = read_regular(path, MANIFEST_LIMIT, "manifest", CorruptCheckpointError)
+        except FileNotFoundError:
+            return None
     if not _nesting_within(raw, MAX_DEPTH):
         raise CorruptCheckpointError(f"{path} is corrupt: its JSON is nested more than {MAX_DEPTH} levels deep "
                                      "(or its brackets do not balance); a manifest is a few levels deep")
@@ -220,8 +230,8 @@ def step_checksums(step_dir: str | os.PathLike, require: bool = False) -> dict[s
         CorruptCheckpointError: rules 1-3.
         CheckpointError: rule 4 with ``require``.
     """
-    step_dir = Path(step_dir)
-    if STEP_RE.match(step_dir.name) and step_dir.is_symlink():
+    step_dir = step_dir if isinstance(step_dir, ObjectPath) else Path(step_dir)
+    if isinstance(step_dir, Path) and STEP_RE.match(step_dir.name) and step_dir.is_symlink():
         raise CorruptCheckpointError(
             f"{step_dir} is a symbolic link (to {os.readlink(step_dir)}): a committed step is a folder inside "
             "its checkpoint folder, so the link was not followed; replace it with the step folder itself")
@@ -246,7 +256,12 @@ def step_checksums(step_dir: str | os.PathLike, require: bool = False) -> dict[s
     return None
 
 
-def _sibling_with_manifest(step_dir: Path) -> Path | None:
+def _sibling_with_manifest(step_dir: Any) -> Any:
+    if isinstance(step_dir, ObjectPath):
+        from savepoint.checkpoint.object_folder import ObjectFolder
+
+        folder = ObjectFolder(step_dir.parent)
+        return next((folder.step_dir(s) for s in folder.committed_steps() if folder.step_dir(s) != step_dir), None)
     try:
         entries = list(os.scandir(step_dir.parent))
     except OSError:

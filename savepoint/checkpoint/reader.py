@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from savepoint.checkpoint.hashing import BLOCK, hexdigest
 from savepoint.checkpoint.manifest import step_checksums, written_by_savepoint
+from savepoint.checkpoint.objstore import ObjectPath
 from savepoint.checkpoint.safe_load import safe_unpickle, stored_value_error
 from savepoint.durable import DCP_MARKER, MANIFEST
 from savepoint.errors import CheckpointError, CorruptCheckpointError
@@ -91,6 +92,10 @@ class VerifyingReader(FileSystemReader):
     @classmethod
     def for_step(cls, step_dir: str | os.PathLike, require_checksums: bool = False) -> VerifyingReader:
         """A reader for a step folder, with the checksums :func:`step_checksums` says it must have."""
+        if isinstance(step_dir, ObjectPath) and cls is VerifyingReader:
+            from savepoint.checkpoint.object_io import ObjectReader
+
+            return ObjectReader.for_step(step_dir, require_checksums)
         reader = cls(step_dir, step_checksums(step_dir, require_checksums))
         reader._step_rule = True
         return reader
@@ -106,11 +111,23 @@ class VerifyingReader(FileSystemReader):
     def _file(self, name: str, what: str = "data file") -> Path:
         return inside(self.path, name, what, CorruptCheckpointError)
 
+    # The storage primitives (local files here; objects in ``object_io.ObjectReader``).
+
+    @staticmethod
+    def _size_of(path: Path, what: str) -> int | None:
+        """The size of a regular file, None when absent; refuses anything but a regular file."""
+        return regular_size(path, what, CorruptCheckpointError)
+
+    @staticmethod
+    def _read_bytes(path: Path, limit: int, what: str) -> bytes:
+        """A whole regular file of at most ``limit`` bytes. Raises FileNotFoundError when absent."""
+        return read_regular(path, limit, what, CorruptCheckpointError)
+
     def check_sizes(self) -> None:
         """Every file the manifest names exists with its size (catches truncation before reading)."""
         for name, entry in self.files.items():
             path = self._file(name)
-            size = regular_size(path, "checkpoint file", CorruptCheckpointError)
+            size = self._size_of(path, "checkpoint file")
             if size is None:
                 raise CorruptCheckpointError(f"{path} is missing (listed in {MANIFEST})")
             if size != entry["size"]:
@@ -121,7 +138,7 @@ class VerifyingReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         if self._metadata is None:
-            self._metadata = self._read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            self._metadata = self._read_metadata(self._get_metadata_path(kwargs.get("rank")))
         metadata = self._metadata
         from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -139,8 +156,8 @@ class VerifyingReader(FileSystemReader):
             raise CorruptCheckpointError(f"{path.parent / MANIFEST} is corrupt: it has no checksums for "
                                          f"{path.name}, which savepoint always lists")
         try:
-            data = read_regular(path, METADATA_LIMIT if entry is None else min(entry["size"], METADATA_LIMIT),
-                                f"DCP {DCP_MARKER}", CorruptCheckpointError)
+            data = self._read_bytes(path, METADATA_LIMIT if entry is None else min(entry["size"], METADATA_LIMIT),
+                                    f"DCP {DCP_MARKER}")
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent} has no {path.name}: it is not a complete DCP checkpoint") from None
         if entry is not None:
@@ -163,7 +180,7 @@ class VerifyingReader(FileSystemReader):
     def check_items(self) -> None:
         """Check ``.metadata``'s records against the files (once; read it first). A step reader
         (:meth:`for_step`) does this as it reads ``.metadata``, every reader before DCP plans a load."""
-        path = Path(self._get_metadata_path(None))
+        path = self._get_metadata_path(None)
         self._check_items(path, self.read_metadata())
 
     def _check_items(self, path: Path, metadata: Any) -> None:
@@ -210,7 +227,7 @@ class VerifyingReader(FileSystemReader):
         if not isinstance(name, str):
             raise CorruptCheckpointError(f"{path} is corrupt: it names a data file {name!r}, not a file name")
         file = self._file(name)  # refuses absolute names, '..' and symlinks on the way
-        size = regular_size(file, "data file", CorruptCheckpointError)  # refuses a symlink, FIFO, device, folder
+        size = self._size_of(file, "data file")  # refuses a symlink, FIFO, device, folder
         if size is None:
             raise CorruptCheckpointError(f"{file} is missing ({path.name} places items in it)")
         if self.verified and name not in self.files:
@@ -272,7 +289,7 @@ class VerifyingReader(FileSystemReader):
     def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self.check_sizes()
-        self._check_items(Path(self._get_metadata_path(self.rank)), metadata)
+        self._check_items(self._get_metadata_path(self.rank), metadata)
 
     def read_data(self, plan: Any, planner: Any) -> Any:
         try:
@@ -300,18 +317,24 @@ class VerifyingReader(FileSystemReader):
         if cached is not None and cached[0] == name and cached[1] <= lo and hi <= cached[2]:
             base, data = cached[1], cached[3]  # coarse segments: the range was read and checked for an item before
         else:
+            hi = self._covering(name, lo, self._read_end(name, lo, hi))[1]
             file.seek(lo)
             data = file.read(hi - lo)
-            path = Path(self.path) / name
+            path = self.path / name
             if len(data) < hi - lo:
                 raise CorruptCheckpointError(f"{path} is corrupt: truncated at byte {lo + len(data)}")
-            first = bisect.bisect_right(self._starts[name], start) - 1
-            last = bisect.bisect_left(self._starts[name], end)
+            first = bisect.bisect_right(self._starts[name], lo) - 1
+            last = bisect.bisect_left(self._starts[name], hi)
             _check_bytes(path, entry["segments"][first:last], lo, data)
             base = lo
             # Segments as the writer cuts them are the items themselves; keep a coarser range for the next item.
             self._cached = (name, lo, hi, data) if hi - lo > end - start else None
         return io.BytesIO(memoryview(data)[start - base:end - base])
+
+    def _read_end(self, name: str, lo: int, hi: int) -> int:
+        """Where one read starting at ``lo`` for an item ending at ``hi`` stops: at ``hi`` for a local file
+        (an object store's reader reads on over the next items, see ``object_io.ObjectReader``)."""
+        return hi
 
 
 def _check_bytes(path: Path, segments: list[list[Any]], base: int, data: bytes) -> None:

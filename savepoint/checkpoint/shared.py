@@ -14,31 +14,57 @@ import logging
 import secrets
 import socket
 from pathlib import Path
+from typing import Any
 
 from savepoint.checkpoint.coordination import Coordinator, is_rank0
+from savepoint.checkpoint.objstore import ObjectPath
 from savepoint.durable import write_file
-from savepoint.errors import FatalCheckpointError
+from savepoint.errors import CheckpointError, FatalCheckpointError
 
 logger = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".savepoint.probe-"
 
 
-def _write_probe(root: Path) -> tuple[str, str, str]:
+def _write_probe(root: Any) -> tuple[str, str, str]:
     """Rank 0: remove probes an interrupted start left, write a new one; returns (its name, token, host)."""
-    for old in root.glob(PROBE_PREFIX + "*"):
-        old.unlink(missing_ok=True)
     token = secrets.token_hex(16)
     name = PROBE_PREFIX + token[:8]
-    write_file(root / name, token.encode())
+    if isinstance(root, ObjectPath):
+        from savepoint.checkpoint.object_folder import listing, write_object
+
+        for old in listing(root):
+            if old.startswith(PROBE_PREFIX):
+                _remove(root / old)
+        write_object(root / name, token.encode(), "probe")
+    else:
+        for old in root.glob(PROBE_PREFIX + "*"):
+            old.unlink(missing_ok=True)
+        write_file(root / name, token.encode())
     return name, token, socket.gethostname()
 
 
-def _sees(path: Path, token: str) -> bool:
+def _sees(path: Any, token: str) -> bool:
     try:
+        if isinstance(path, ObjectPath):
+            from savepoint.checkpoint.object_folder import read_object
+
+            return read_object(path, 64, "probe") == token.encode()
         return path.is_file() and not path.is_symlink() and path.read_bytes()[:64] == token.encode()
-    except OSError:
+    except (OSError, CheckpointError):
         return False
+
+
+def _remove(path: Any) -> None:
+    if isinstance(path, ObjectPath):
+        from savepoint.checkpoint.objstore import client
+
+        try:
+            client().rm_file(path.path)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("could not remove the probe %s (%s)", path, e)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def check_shared(coord: Coordinator, root: Path) -> None:
@@ -53,7 +79,7 @@ def check_shared(coord: Coordinator, root: Path) -> None:
     mine = (_sees(root / name, token), socket.gethostname(), str(root.absolute()))
     _, views = coord.agree(None, mine)
     if is_rank0():
-        (root / name).unlink(missing_ok=True)
+        _remove(root / name)
     blind = [(rank, host, where) for rank, (seen, host, where) in enumerate(views) if not seen]
     if not blind:
         return

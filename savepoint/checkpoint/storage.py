@@ -65,6 +65,49 @@ def disk_full_hint(error_number: int | None, root: Path, keep_latest_k: int) -> 
             "to a bigger disk")
 
 
+def checkpoint_location(dump_folder: str, folder: str) -> Any:
+    """``--checkpoint.folder`` joined to ``--job.dump_folder``: an ``s3://`` URL (either one) or a local path.
+
+    An absolute folder or URL replaces the dump folder, as an absolute path does in ``os.path.join``.
+    """
+    from savepoint.checkpoint.objstore import ObjectPath, is_url
+
+    if is_url(folder):
+        return ObjectPath(folder)
+    if is_url(dump_folder):
+        return ObjectPath(dump_folder) / folder if not os.path.isabs(folder) else Path(folder)
+    return Path(dump_folder) / folder
+
+
+def location(value: Any) -> Any:
+    """A path the user gave: an ``ObjectPath`` for an ``s3://`` URL, else a local ``Path``."""
+    from savepoint.checkpoint.objstore import ObjectPath, is_url
+
+    return ObjectPath(value) if is_url(value) else Path(value)
+
+
+def holds(folder: Any, name: str) -> bool:
+    """Whether the folder (or object prefix) holds a file ``name``."""
+    from savepoint.checkpoint.objstore import ObjectPath
+
+    if isinstance(folder, ObjectPath):
+        from savepoint.checkpoint.object_folder import listing
+
+        return name in listing(folder)
+    return (Path(folder) / name).is_file()
+
+
+def open_folder(location: Any) -> CheckpointFolder:
+    """The checkpoint folder at ``location``: on an object store, or on a filesystem."""
+    from savepoint.checkpoint.objstore import ObjectPath, is_url
+
+    if is_url(location):
+        from savepoint.checkpoint.object_folder import ObjectFolder
+
+        return ObjectFolder(ObjectPath(location))
+    return CheckpointFolder(Path(location))
+
+
 class CheckpointFolder:
     """One ``<dump_folder>/<checkpoint.folder>``: the steps in it and how they come and go."""
 
@@ -192,6 +235,41 @@ class CheckpointFolder:
 
     def abort(self, step: int) -> None:
         shutil.rmtree(self.staging_dir(step), ignore_errors=True)
+
+    # ---- what a save needs from its storage (object stores: ``object_folder.ObjectFolder``) ----
+
+    def lock(self) -> Any:
+        """The one-writer-per-folder lock (not yet taken)."""
+        from savepoint.checkpoint.lock import FolderLock
+
+        return FolderLock(self.root)
+
+    def dcp_writer(self, staging: Path) -> Any:
+        """DCP's storage writer for a step's staging folder: it leaves checksum sidecars beside its files."""
+        from savepoint.checkpoint.hashing import HashingWriter
+
+        return HashingWriter(staging)
+
+    def writer_view(self, staging: Path, rank: int) -> Any:
+        from savepoint.checkpoint.completeness import writer_view
+
+        return writer_view(staging, rank)
+
+    def check_complete(self, step: int, staging: Path, views: list) -> None:
+        from savepoint.checkpoint.completeness import check_complete
+
+        check_complete(step, staging, views)
+
+    def seal(self, staging: Path) -> tuple[dict[str, Any], dict[str, int]]:
+        """Rank 0, before the manifest: drop the staging mark; every file's checksums and size."""
+        from savepoint.checkpoint.hashing import collect_checksums
+
+        remove_mark(staging)
+        checksums = collect_checksums(staging)  # first: it removes the writers' sidecars
+        return checksums, {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+
+    def step_bytes(self, step: int) -> int:
+        return folder_bytes(self.step_dir(step))
 
     # ---- retention ---------------------------------------------------------------------------
 

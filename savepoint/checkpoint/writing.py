@@ -22,15 +22,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from savepoint.checkpoint.completeness import check_complete, remove_mark, writer_view
 from savepoint.checkpoint.coordination import Coordinator, Failure, is_rank0, my_rank
-from savepoint.checkpoint.hashing import HashingWriter, collect_checksums
 from savepoint.checkpoint.lock import FolderLock
 from savepoint.checkpoint.manifest import manifest_bytes
 from savepoint.checkpoint.planner import TiledSavePlanner
 from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.staging import AsyncSaver
-from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint, folder_bytes
+from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
 
 logger = logging.getLogger(__name__)
@@ -63,7 +61,7 @@ class StepWriter:
     def prepare(self) -> None:
         """Rank 0, once: create the folder, take its lock, then remove leftovers of interrupted saves."""
         self.folder.ensure_writable()
-        self.lock = FolderLock(self.folder.root)
+        self.lock = self.folder.lock()
         self.lock.acquire()  # before cleaning: another job's unfinished save is not a leftover
         self.folder.clean_leftovers()
 
@@ -104,7 +102,7 @@ class StepWriter:
             FatalCheckpointError: the ranks do not save into one folder (on every rank alike).
             CheckpointError: some rank's write, or the commit, failed (on every rank alike).
         """
-        failure, views = self.coord.agree(error, writer_view(staging, my_rank()))  # the same on every rank
+        failure, views = self.coord.agree(error, self.folder.writer_view(staging, my_rank()))  # alike on all ranks
         failure, total = self.coord.run_on_rank0(
             lambda: self._commit_or_abort(step, kind, staging, views, failure), "committing")
         if failure is not None:
@@ -129,18 +127,16 @@ class StepWriter:
         publish the step. Returns (None, the step's bytes), or (why not, 0): the staging folder is then gone."""
         if failure is None:
             try:
-                check_complete(step, staging, views)
-                remove_mark(staging)  # before the manifest lists the files
+                self.folder.check_complete(step, staging, views)
                 self.folder.commit(step, manifest_bytes(self._manifest(step, kind, staging)))
-                return None, folder_bytes(self.folder.step_dir(step))
+                return None, self.folder.step_bytes(step)
             except (Exception, CheckpointException) as e:
                 failure = Failure.of(e, 0)
         self.folder.abort(step)
         return failure, 0
 
     def _manifest(self, step: int, kind: str, staging: Path) -> dict[str, Any]:
-        checksums = collect_checksums(staging)  # first: it removes the writers' sidecars
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        checksums, files = self.folder.seal(staging)
         return {
             "format": MANIFEST_FORMAT,
             "step": step,
@@ -188,9 +184,10 @@ class StepWriter:
                 return False  # another rank failed: finish reports its error
             planner = TiledSavePlanner(tile_if=tile_if)
             if saver is not None:
-                saver.start(step, kind, staging, state, planner, HashingWriter(staging))
+                saver.start(step, kind, staging, state, planner, self.folder.dcp_writer(staging))
                 return True
-            dcp.save(state, storage_writer=HashingWriter(staging), planner=planner, process_group=self.coord.group)
+            dcp.save(state, storage_writer=self.folder.dcp_writer(staging), planner=planner,
+                     process_group=self.coord.group)
             return False
 
         return produce

@@ -15,8 +15,8 @@ MAX_SEED = 2**32 - 1
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def url_problem(flag: str, value: str | None, sep: str = "=") -> list[str]:
-    """One problem if ``value`` is a URL (``s3://bucket/prefix``): savepoint reads and writes file paths only.
+def url_problem(flag: str, value: str | None, sep: str = "=", s3: bool = False) -> list[str]:
+    """One problem if ``value`` is a URL this option cannot take: ``s3://bucket/prefix`` where ``s3``, else none.
 
     Without this a URL would be taken as a relative path: ``s3://ckpt/run`` becomes a local folder
     ``s3:/ckpt/run`` and nothing reaches the object store.
@@ -24,8 +24,17 @@ def url_problem(flag: str, value: str | None, sep: str = "=") -> list[str]:
     if not value or not URL_RE.match(value.strip()):
         return []
     scheme = value.strip().split("://", 1)[0]
-    return [f"{flag}{sep}{value}: {scheme}:// URLs (object storage) are not supported yet; savepoint reads and "
-            "writes local and shared-filesystem paths only: give a path, e.g. a filesystem every node mounts"]
+    if s3 and scheme == "s3":
+        from savepoint.checkpoint.objstore import bucket_problem
+
+        problem = bucket_problem(value.strip())
+        return [f"{flag}{sep}{problem}"] if problem else []
+    if s3:
+        return [f"{flag}{sep}{value}: {scheme}:// is not supported yet; object storage is s3:// only (any "
+                "S3-compatible store: set AWS_ENDPOINT_URL), or give a local or shared-filesystem path"]
+    return [f"{flag}{sep}{value}: this option takes a local path, not a URL: give a path on this machine "
+            "(s3:// works for --checkpoint.folder, --checkpoint.initial_load_path, savepoint inspect|verify "
+            "and the converters)"]
 
 
 def need(flag: str, value: Any, ok: bool, requirement: str) -> list[str]:

@@ -261,7 +261,17 @@ def _path_problems(cfg: JobConfig) -> list[str]:
              "--checkpoint.initial_load_path": cfg.checkpoint.initial_load_path,
              "--checkpoint.memory_folder": cfg.checkpoint.memory_folder,
              "--model.hf_assets_path": cfg.model.hf_assets_path, "--training.dataset_path": cfg.training.dataset_path}
-    problems = [line for flag, value in paths.items() for line in url_problem(flag, value)]
+    remote = ("--checkpoint.folder", "--checkpoint.initial_load_path")
+    dump = paths.pop("--job.dump_folder")
+    problems = [line for flag, value in paths.items() for line in url_problem(flag, value, s3=flag in remote)]
+    if url_problem("--job.dump_folder", dump):
+        problems.append(f"--job.dump_folder={dump}: the dump folder holds the job's logs (metrics.jsonl, TensorBoard, "
+                        "profiler traces) and must be a local or shared-filesystem path; put the checkpoints on the "
+                        "object store with --checkpoint.folder s3://<bucket>/<prefix> instead")
+    if str(cfg.checkpoint.folder).startswith("s3://") and cfg.checkpoint.memory_interval > 0:
+        problems.append(f"--checkpoint.memory_interval={cfg.checkpoint.memory_interval} with --checkpoint.folder="
+                        f"{cfg.checkpoint.folder}: the in-memory tier is not supported with an s3:// folder yet; "
+                        "set --checkpoint.memory_interval 0, or use a shared-filesystem folder")
     if not url_problem("--job.dump_folder", cfg.job.dump_folder):
         problems += dump_folder_problems(cfg.job.dump_folder)
     return problems

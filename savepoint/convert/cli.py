@@ -87,8 +87,8 @@ def run(argv: list[str], prog: str | None = None) -> Path:
         raise SavepointError("usage: savepoint convert {from_hf,to_hf} IN OUT --model_flavor F [options]")
     direction = argv[0]
     ns = build_parser(direction, prog).parse_args(argv[1:])
-    urls = [*url_problem(f"{direction}: input", ns.input_dir, " "),
-            *url_problem(f"{direction}: output", ns.output_dir, " "),
+    urls = [*url_problem(f"{direction}: input", ns.input_dir, " ", s3=True),
+            *url_problem(f"{direction}: output", ns.output_dir, " ", s3=True),
             *url_problem("--hf_assets_path", getattr(ns, "hf_assets_path", None))]
     if urls:
         raise ConfigError(urls)
