@@ -100,7 +100,7 @@ def check_complete(step: int, staging: Path, views: list[WriterView],
             if actual != size:
                 problems.append(f"rank {view.rank} wrote {name} ({size} bytes), here "
                                 + ("it is missing" if actual is None else f"it has {actual} bytes"))
-    if metadata is None and (staging / DCP_MARKER).is_file():  # else a Hugging Face export: rank 0 wrote it all
+    if metadata is None and isinstance(staging, Path) and (staging / DCP_MARKER).is_file():  # else an HF export
         metadata = VerifyingReader(staging).read_metadata()
     if metadata is not None:
         problems += _missing_from_metadata(metadata, size_of)

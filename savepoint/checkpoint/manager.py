@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -367,7 +368,7 @@ class CheckpointManager:
         if step not in committed:
             step_dir = self.folder.step_dir(step)
             why = (f"{step_dir} exists but is not committed (no {DCP_MARKER}: an incomplete or hand-made folder, "
-                   "which savepoint never loads); " if step_dir.is_dir() else "")
+                   "which savepoint never loads); " if isinstance(step_dir, Path) and step_dir.is_dir() else "")
             raise CheckpointError(
                 f"--checkpoint.load_step={step}: no committed step-{step} in {self.folder.root}; {why}"
                 f"committed steps: {committed or 'none'}; pick one of them with --checkpoint.load_step, or drop "

@@ -178,6 +178,26 @@ class ObjectFolder(CheckpointFolder):
                 logger.warning("removing leftover %s from an interrupted save or deletion (it has no %s)",
                                prefix, MANIFEST)
                 remove_prefix(prefix)
+        self._abort_uploads()
+
+    def _abort_uploads(self) -> None:
+        """Abort multipart uploads a killed writer left under this folder (invisible, but the store keeps their parts).
+
+        Runs under the lease, so no upload of a live job of this folder is among them.
+        """
+        fs = client()
+        bucket, _, key = self.root.path.partition("/")
+        try:
+            uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key + "/").get("Uploads", []) or []
+            for upload in uploads:
+                fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+        except Exception as e:  # noqa: BLE001 - tidying only: a store without the call, or no permission
+            logger.warning("could not abort unfinished uploads under %s (%s); they are invisible, but the store "
+                           "keeps their parts until its lifecycle rules remove them", self.root, e)
+            return
+        if uploads:
+            logger.warning("aborted %d unfinished upload(s) under %s left by an interrupted save", len(uploads),
+                           self.root)
 
     def begin(self, step: int) -> ObjectPath:  # type: ignore[override]
         staging = self.step_dir(step)
@@ -383,17 +403,22 @@ class ObjectLease:
                 f"--checkpoint.folder; if that job is dead, start again once its lease has expired")
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 3):
-            try:
-                record = self._read()
-                if record is not None and record.get("token") != self.token:
-                    holder = record.get("holder") or {}
-                    self._lost = (f"the lease {self.path} was taken by pid {holder.get('pid', '?')} on host "
-                                  f"{holder.get('host', '?')}")
-                    return
-                self._write()
-            except ObjectStoreError as e:
-                logger.warning("renewing the checkpoint folder's lease failed (%s); retrying", e)
+        while not self._stop.wait(LEASE_SECONDS / 3) and self.renew():
+            pass
+
+    def renew(self) -> bool:
+        """Extend the lease, unless another job holds it now (then it is lost: returns False)."""
+        try:
+            record = self._read()
+            if record is not None and record.get("token") != self.token:
+                holder = record.get("holder") or {}
+                self._lost = (f"the lease {self.path} was taken by pid {holder.get('pid', '?')} on host "
+                              f"{holder.get('host', '?')}")
+                return False
+            self._write()
+        except ObjectStoreError as e:
+            logger.warning("renewing the checkpoint folder's lease failed (%s); retrying", e)
+        return True
 
     def ensure_held(self) -> None:
         """Before each save: the lease is still this job's.

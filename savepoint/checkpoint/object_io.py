@@ -104,8 +104,9 @@ class ObjectFiles(HashingFileSystem):
             raw.closed = True  # so that closing it later (its __del__) never completes a partial upload
             if isinstance(e, CheckpointError):
                 raise
+            error = getattr(stream, "error", None)  # the store's own error, not torch's "unexpected pos"
             if isinstance(e, Exception):
-                raise store_error(e, path, "writing") from e
+                raise store_error(error or e, path, "writing") from e
             raise
         if hashed:
             record = {"file": path.name, "size": stream.pos, "algorithm": ALGORITHM, "segments": stream.segments}

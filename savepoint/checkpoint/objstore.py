@@ -31,6 +31,17 @@ CONNECT_TIMEOUT = 10  # seconds to wait for a connection before botocore retries
 ATTEMPTS = 4  # botocore's attempts per request (its standard retry mode backs off between them)
 
 
+def attempts() -> int:
+    """Attempts per request: ``SAVEPOINT_S3_ATTEMPTS``, else :data:`ATTEMPTS`."""
+    value = os.environ.get("SAVEPOINT_S3_ATTEMPTS", "")
+    if not value:
+        return ATTEMPTS
+    if not value.isdigit() or not 1 <= int(value) <= 20:
+        raise CheckpointError(f"SAVEPOINT_S3_ATTEMPTS={value!r}: give the attempts per object-store request, a whole "
+                              f"number from 1 to 20 (default {ATTEMPTS})")
+    return int(value)
+
+
 def url_scheme(value: Any) -> str | None:
     """The scheme of a URL-looking string (``s3``, ``gs``, ...), else None (a local path)."""
     if not isinstance(value, str):
@@ -123,18 +134,21 @@ class ObjectStoreError(CheckpointError):
     """An object-store request failed; the message says what, for which URL, and how to fix it."""
 
 
-_clients: dict[int, Any] = {}
+_clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
+_ENV = ("SAVEPOINT_S3_ATTEMPTS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
 def client() -> Any:
-    """This process's s3fs filesystem (made on first use, again after a fork), listings uncached."""
-    pid = os.getpid()
-    fs = _clients.get(pid)
+    """This process's s3fs filesystem for the environment's settings (made on first use, again after a
+    fork or when the AWS_* variables change), listings uncached."""
+    key = (os.getpid(), *(os.environ.get(name) for name in _ENV))
+    fs = _clients.get(key)
     if fs is not None:
         return fs
     with _clients_lock:
-        fs = _clients.get(pid)
+        fs = _clients.get(key)
         if fs is None:
             try:
                 import s3fs
@@ -148,8 +162,8 @@ def client() -> Any:
             fs = s3fs.S3FileSystem(
                 skip_instance_cache=True, use_listings_cache=False, client_kwargs=client_kwargs,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": 120,
-                               "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}})
-            _clients[pid] = fs
+                               "retries": {"max_attempts": attempts(), "mode": "standard"}})
+            _clients[key] = fs
     return fs
 
 
@@ -198,8 +212,8 @@ def store_error(error: BaseException, url: Any, doing: str) -> ObjectStoreError:
         how = (f"cannot reach the object store at {where()} ({cause}): check AWS_ENDPOINT_URL and that the "
                "store is up and reachable from this host")
     elif code in ("SlowDown", "ServiceUnavailable", "InternalError", "503", "500"):
-        how = (f"{where()} kept failing the request ({code}) after {ATTEMPTS} attempts: the store is throttling or "
-               "unwell; retry later")
+        how = (f"{where()} kept failing the request ({code}) after {attempts()} attempts: the store is throttling "
+               "or unwell; retry later, or allow more attempts with SAVEPOINT_S3_ATTEMPTS")
     else:
         how = f"{type(error).__name__}: {cause}"
     return ObjectStoreError(f"{doing} {url} failed: {how}")

@@ -30,6 +30,7 @@ from savepoint.checkpoint.rates import rate
 from savepoint.checkpoint.staging import AsyncSaver
 from savepoint.checkpoint.storage import CheckpointFolder, disk_full_hint
 from savepoint.config.job_config import Checkpoint as CheckpointConfig
+from savepoint.errors import CheckpointError, FatalCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,13 @@ class StepWriter:
             FatalCheckpointError / CheckpointError: see ``finish``; or the lock was lost (on every rank alike).
         """
         staging = self.folder.staging_dir(step)
-        self.coord.run_on_rank0(lambda: self._begin(step), f"saving step {step}: creating {staging}")
+        try:
+            self.coord.run_on_rank0(lambda: self._begin(step), f"creating {staging}")
+        except FatalCheckpointError:
+            raise
+        except CheckpointError as e:  # the same on every rank
+            raise CheckpointError(f"saving step {step} {what}to {self.folder.step_dir(step)} failed ({e}); nothing "
+                                  "was committed and earlier steps are intact") from e
         start = time.perf_counter()
         error: BaseException | None = None
         try:
