@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.s3server import s3_env, s3_server  # noqa: F401  (the session's S3 server)
 from tests.trials.folder import compare_losses, read_folder, read_losses, verify_folder
 
 STEPS, FIRST = 6, 3  # the first pair of launches trains to step 3 (saved), the second resumes to 6
@@ -51,11 +52,11 @@ def _launch(cwd: Path, log: Path, args: list[str], **extra: str) -> subprocess.P
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _two_nodes(cwds: list[Path], logs: list[Path], args: list[str]) -> list[tuple[int, str]]:
+def _two_nodes(cwds: list[Path], logs: list[Path], args: list[str], **extra: str) -> list[tuple[int, str]]:
     """Start node 1, then node 0 (the order must not matter), as NNODES=2 on 127.0.0.1; wait for both."""
     port = str(_free_port())
     procs = {rank: _launch(cwds[rank], logs[rank], args, NGPU="1", NNODES="2", NODE_RANK=str(rank),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (1, 0)}
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra) for rank in (1, 0)}
     try:
         for proc in procs.values():
             proc.wait(timeout=TIMEOUT_S)
@@ -129,6 +130,33 @@ def test_nodes_saving_into_different_folders_stop_before_the_first_step(tmp_path
         assert read_losses(cwd / "out")[0] == []  # not one step trained
         if root.exists():
             assert read_folder(root).committed == [] and not list(root.glob(".savepoint.probe-*"))
+
+
+def test_two_nodes_without_a_shared_filesystem_checkpoint_to_s3(tmp_path, reference, s3_env):  # noqa: F811
+    """Node-local dump folders, one ``s3://`` checkpoint folder: the nodes save and resume together, bit-exact."""
+    from savepoint.checkpoint.object_folder import ObjectFolder, listing
+    from savepoint.checkpoint.object_io import ObjectReader
+
+    url = f"s3://{s3_env.make_bucket()}/run"
+    cwds = [tmp_path / f"node{rank}" for rank in (0, 1)]
+    for cwd in cwds:
+        cwd.mkdir()
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    args = ["--job.dump_folder", "out", "--checkpoint.folder", url, *JOB]
+    for steps in (FIRST, STEPS):
+        results = _two_nodes(cwds, logs, [*args, "--training.steps", str(steps)], **s3_env.env())
+        assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert f"from step {FIRST} to {STEPS} on cpu, FSDP 2" in results[0][1], results[0][1][-3000:]
+    records, _ = read_losses(cwds[0] / "out")
+    assert sorted(step for step, _ in records) == list(range(1, STEPS + 1)), records
+    assert compare_losses(records, reference) == []
+    folder = ObjectFolder(url)
+    assert folder.committed_steps() == [FIRST, STEPS]
+    for step in (FIRST, STEPS):
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json"} == set(listing(folder.step_dir(step)))
+        reader = ObjectReader.for_step(folder.step_dir(step))
+        assert reader.verified and reader.read_metadata().state_dict_metadata
+    assert not (cwds[0] / "out" / "checkpoint").exists() and not (cwds[1] / "out" / "checkpoint").exists()
 
 
 def test_a_rendezvous_port_in_use_is_one_line(tmp_path):

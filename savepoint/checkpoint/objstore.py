@@ -198,7 +198,10 @@ def store_error(error: BaseException, url: Any, doing: str) -> ObjectStoreError:
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     path = ObjectPath(url) if not isinstance(url, ObjectPath) and url_scheme(url) else url
     bucket = path.bucket if isinstance(path, ObjectPath) else "?"
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken") or \
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        how = ("no credentials for the object store were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+               "(or AWS_PROFILE), and AWS_ENDPOINT_URL for a store that is not AWS")
+    elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken") or \
             (isinstance(error, PermissionError) and code == ""):
         how = (f"{where()} refused the credentials ({code or cause}): set AWS_ACCESS_KEY_ID and "
                "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones) to a key of that store")
