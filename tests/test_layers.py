@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "savepoint"
 
-LEAVES = {"errors", "safe_io", "durable", "values", "parallel_dims", "dtypes", "pipeline_plan"}
+LEAVES = {"errors", "safe_io", "durable", "values", "parallel_dims", "dtypes", "pipeline_plan", "urls"}
 # component of savepoint (first name after "savepoint.") -> components it must not import
 FORBIDDEN: dict[str, set[str]] = {
     "config": {"models", "data", "checkpoint", "hf", "convert", "train", "distributed", "optim", "inspect"},

@@ -18,15 +18,12 @@ what failed, for which URL, and how to fix it (:func:`store_error`).
 from __future__ import annotations
 
 import os
-import re
 import threading
 from typing import Any
 
 from savepoint.errors import CheckpointError
+from savepoint.urls import URL_RE, bucket_problem, url_scheme
 
-SCHEMES = ("s3",)
-_URL_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 CONNECT_TIMEOUT = 10  # seconds to wait for a connection before botocore retries
 ATTEMPTS = 4  # botocore's attempts per request (its standard retry mode backs off between them)
 
@@ -42,30 +39,8 @@ def attempts() -> int:
     return int(value)
 
 
-def url_scheme(value: Any) -> str | None:
-    """The scheme of a URL-looking string (``s3``, ``gs``, ...), else None (a local path)."""
-    if not isinstance(value, str):
-        return None
-    match = _URL_RE.match(value)
-    return match.group(1) if match else None
-
-
 def is_url(value: Any) -> bool:
     return isinstance(value, ObjectPath) or url_scheme(value) is not None
-
-
-def bucket_problem(url: str) -> str | None:
-    """Why ``url`` is not a usable ``s3://bucket/prefix``, else None."""
-    match = _URL_RE.match(url)
-    if not match or match.group(1) not in SCHEMES:
-        return f"{url} is not an s3:// URL"
-    bucket = match.group(2).split("/", 1)[0]
-    if not _BUCKET_RE.match(bucket):
-        return (f"{url}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, dots and hyphens); "
-                "write s3://<bucket>/<prefix>")
-    if "//" in match.group(2).rstrip("/") or any(p in (".", "..") for p in match.group(2).split("/")):
-        return f"{url}: the key prefix has an empty, '.' or '..' part; write s3://<bucket>/<prefix>"
-    return None
 
 
 class ObjectPath:
@@ -80,7 +55,7 @@ class ObjectPath:
         problem = bucket_problem(url)
         if problem:
             raise CheckpointError(problem)
-        scheme, rest = _URL_RE.match(url).groups()  # type: ignore[union-attr]
+        scheme, rest = URL_RE.match(url).groups()  # type: ignore[union-attr]
         self.scheme, self.key = scheme, rest.strip("/")
 
     @property

@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from savepoint.urls import bucket_problem
+
 # torch's generators take 64-bit seeds and the data order seeds each epoch with seed * 1_000_003 + epoch;
 # a 32-bit seed leaves room for every epoch (and is what most tools call a seed).
 MAX_SEED = 2**32 - 1
@@ -25,8 +27,6 @@ def url_problem(flag: str, value: str | None, sep: str = "=", s3: bool = False) 
         return []
     scheme = value.strip().split("://", 1)[0]
     if s3 and scheme == "s3":
-        from savepoint.checkpoint.objstore import bucket_problem
-
         problem = bucket_problem(value.strip())
         return [f"{flag}{sep}{problem}"] if problem else []
     if s3:
