@@ -254,3 +254,22 @@ def test_the_lease(bucket, monkeypatch):
     after = ObjectLease(root)
     after.acquire()
     after.release()
+
+
+def test_initial_load_from_s3_of_savepoint_and_of_torchtitan_steps(train, tmp_path, bucket, caplog):
+    """A savepoint step (verified) and a plain DCP step written by torch's FsspecWriter, as TorchTitan's
+    fsspec checkpoints are (no manifest: loaded unverified, with a warning), both start a new run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    source = train("--checkpoint.folder", f"s3://{bucket}/src", stop_after=5, dump=tmp_path / "src")
+    model = {k: v.clone() for k, v in source.model.state_dict().items()}
+    dcp.save(model, storage_writer=FsspecWriter(f"s3://{bucket}/titan/step-5", sync_files=False), no_dist=True)
+    for path, verified in ((f"s3://{bucket}/src/step-5", True), (f"s3://{bucket}/titan/step-5", False)):
+        caplog.clear()
+        loaded = train("--checkpoint.initial_load_path", path, "--checkpoint.folder", f"s3://{bucket}/new-{verified}",
+                       stop_after=0, dump=tmp_path / f"new-{verified}")
+        assert_bit_identical(model, loaded.model.state_dict())
+        warned = any("has no checksums" in r.getMessage() and "loading it unverified" in r.getMessage()
+                     for r in caplog.records)
+        assert warned is not verified
