@@ -133,7 +133,8 @@ def test_nodes_saving_into_different_folders_stop_before_the_first_step(tmp_path
 
 
 def test_two_nodes_without_a_shared_filesystem_checkpoint_to_s3(tmp_path, reference, s3_env):  # noqa: F811
-    """Node-local dump folders, one ``s3://`` checkpoint folder: the nodes save and resume together, bit-exact."""
+    """Node-local dump folders, one ``s3://`` checkpoint folder (saved by background writer processes): the nodes
+    save and resume together, bit-exact."""
     from savepoint.checkpoint.object_folder import ObjectFolder, listing
     from savepoint.checkpoint.object_io import ObjectReader
 
@@ -142,7 +143,8 @@ def test_two_nodes_without_a_shared_filesystem_checkpoint_to_s3(tmp_path, refere
     for cwd in cwds:
         cwd.mkdir()
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    args = ["--job.dump_folder", "out", "--checkpoint.folder", url, *JOB]
+    args = ["--job.dump_folder", "out", "--checkpoint.folder", url, "--checkpoint.async_mode", "async_with_pinned_mem",
+            *JOB]
     for steps in (FIRST, STEPS):
         results = _two_nodes(cwds, logs, [*args, "--training.steps", str(steps)], **s3_env.env())
         assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
