@@ -310,6 +310,9 @@ def _hash_object(path: ObjectPath, size: int) -> dict[str, Any]:
     return {"size": size, "segments": segments}
 
 
+_live_tokens: set[str] = set()  # the leases this process holds now
+
+
 def _holder() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
             "started_unix": time.time()}
@@ -332,11 +335,13 @@ class ObjectLease:
     the time it expires. A job takes the lease when there is none, it has expired (its holder
     stopped renewing it for ``SAVEPOINT_LEASE_SECONDS``, 30 s by default), its holder is a dead
     process on this host, or it belongs to an earlier worker group of the same torchrun job (a
-    restart). Otherwise it stops at once, saying who holds it. A thread renews it every third of
+    restart), or to an earlier manager of this very process that ended without releasing it. Otherwise
+    it stops at once, saying who holds it. A thread renews it every third of
     the lease; a renewal that finds another holder's token marks the lease lost, and the next save
     stops the job (``ensure_held``). Object stores have no compare-and-swap that s3fs exposes, so
     two jobs starting within the same second could both write a lease; each reads it back after a
-    pause, and the one whose token is not there stops.
+    quarter second, and the one whose token is not there stops; a lease taken over anyway is found
+    at the loser's next renewal.
     """
 
     def __init__(self, root: ObjectPath):
@@ -378,6 +383,9 @@ class ObjectLease:
             return True
         if holder.get("host") == self.holder["host"] and not _pid_alive(holder.get("pid")):
             return True
+        if holder.get("host") == self.holder["host"] and holder.get("pid") == self.holder["pid"] and \
+                record.get("token") not in _live_tokens:
+            return True  # an earlier manager of this process that ended without releasing it
         run_id = self.holder.get("run_id")
         return bool(run_id) and holder.get("run_id") == run_id and holder.get("pid") != self.holder["pid"]
 
@@ -386,11 +394,12 @@ class ObjectLease:
         if record is not None and record.get("token") != self.token and not self._takeable(record):
             raise CheckpointError(self._busy_message(record))
         self._write()
-        time.sleep(min(1.0, LEASE_SECONDS / 30))
+        time.sleep(0.25)  # longer than a competitor's read-to-write gap: of two writes, one reads the other's
         again = self._read()
         if again is None or again.get("token") != self.token:
             raise CheckpointError(self._busy_message(again or {}))
         self._held = True
+        _live_tokens.add(self.token)
         self._thread = threading.Thread(target=self._heartbeat, name="savepoint-lease", daemon=True)
         self._thread.start()
 
@@ -437,6 +446,7 @@ class ObjectLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._held = False
+        _live_tokens.discard(self.token)
         try:
             record = self._read()
             if record is not None and record.get("token") == self.token:
