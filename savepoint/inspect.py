@@ -13,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from savepoint.checkpoint.objstore import ObjectPath, is_url
 from savepoint.checkpoint.states import EXCLUDABLE
 from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder, folder_bytes
-from savepoint.durable import DCP_MARKER
+from savepoint.durable import DCP_MARKER, HF_INDEX, MANIFEST
 from savepoint.errors import CheckpointError, CorruptCheckpointError
 
 
@@ -29,6 +30,8 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
     Raises:
         CheckpointError: the path is neither a folder nor a step, or (for one step) it cannot be read.
     """
+    if is_url(path):
+        return _describe_objects(ObjectPath(path))
     target = Path(path)
     if CheckpointFolder.is_committed(target):
         return "\n".join(_step_lines(target)), []
@@ -52,6 +55,41 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
     return "\n".join(lines + _memory_lines(target)), unreadable
 
 
+def _describe_objects(target: ObjectPath) -> tuple[str, list[str]]:
+    """:func:`describe` for an ``s3://`` prefix: a step is committed when its manifest exists."""
+    from savepoint.checkpoint.object_folder import ObjectFolder, listing
+
+    names = listing(target)
+    if {MANIFEST, DCP_MARKER, HF_INDEX} & set(names):
+        return "\n".join(_step_lines(target)), []
+    folder = ObjectFolder(target)
+    steps = folder.committed_steps()
+    leftovers = sorted(f"step-{s}" for s in folder._step_prefixes() if s not in steps)
+    tail = [f"  leftovers from interrupted saves (no {MANIFEST}; removed at next start): {', '.join(leftovers)}"] \
+        if leftovers else []
+    if not steps:
+        folder.ensure_writable()  # a missing bucket, refused credentials: said as such
+        return "\n".join([f"{target}: no committed steps", *tail]), []
+    lines = [f"{target}: {len(steps)} committed step(s)"]
+    unreadable = []
+    for step in steps:
+        try:
+            lines.append(f"  step-{step:<8} {_step_summary(folder, step)}")
+        except CheckpointError as e:
+            unreadable.append(f"step-{step}")
+            lines.append(f"  step-{step:<8} CANNOT READ: {e}")
+    return "\n".join(lines + tail), unreadable
+
+
+def _has(step_dir: Any, name: str) -> bool:
+    """Something is at ``name`` in the step (a FIFO or symlink too: reading it then reports the damage)."""
+    if isinstance(step_dir, ObjectPath):
+        from savepoint.checkpoint.object_folder import listing
+
+        return name in listing(step_dir)
+    return os.path.lexists(step_dir / name)
+
+
 def _memory_lines(target: Path) -> list[str]:
     """The in-memory steps of the folder's run on this node, which are not durable steps (see ``memory.py``)."""
     from savepoint.checkpoint.memory_run import memory_steps, read_run
@@ -71,8 +109,8 @@ def _step_summary(folder: CheckpointFolder, step: int) -> str:
     step_dir = folder.step_dir(step)
     manifest = folder.read_manifest(step) or {}
     kind = _shown(manifest.get("kind", "unknown"))
-    size = f"{folder_bytes(step_dir) / 1e6:10.2f} MB"
-    if os.path.lexists(step_dir / DCP_MARKER):
+    size = f"{folder.step_bytes(step) / 1e6:10.2f} MB"
+    if _has(step_dir, DCP_MARKER):
         keys = f"{len(_read_metadata(step_dir).state_dict_metadata):6} keys"
     else:
         keys = f"{'HF':>6}     "
@@ -115,7 +153,10 @@ def _read_metadata(step_dir: Path) -> Any:
 def _step_lines(step_dir: Path) -> list[str]:
     match = STEP_DIR_RE.match(step_dir.name)
     title = f"step {match.group(1)}" if match else _shown(step_dir.name)
-    if not os.path.lexists(step_dir / DCP_MARKER):  # a Hugging Face export (last_save_in_hf)
+    if not _has(step_dir, DCP_MARKER) and isinstance(step_dir, ObjectPath):
+        return [f"{step_dir}: {title}, Hugging Face safetensors export, {_bytes(step_dir) / 1e6:.2f} MB "
+                "(weights only)"]
+    if not _has(step_dir, DCP_MARKER):  # a Hugging Face export (last_save_in_hf)
         from savepoint.hf.folder import HFFolder
 
         folder = HFFolder(step_dir)
@@ -129,6 +170,14 @@ def _step_lines(step_dir: Path) -> list[str]:
                                          f"{_shown(key)}, not by a key string")
         head = key.split(".", 1)[0]
         groups[head if head in EXCLUDABLE else "model"] += 1
-    lines = [f"{step_dir}: {title}, {folder_bytes(step_dir) / 1e6:.2f} MB"]
+    lines = [f"{step_dir}: {title}, {_bytes(step_dir) / 1e6:.2f} MB"]
     lines += [f"  {name:<13} {count} keys" for name, count in sorted(groups.items())]
     return lines
+
+
+def _bytes(step_dir: Any) -> int:
+    if isinstance(step_dir, ObjectPath):
+        from savepoint.checkpoint.object_folder import listing
+
+        return sum(listing(step_dir).values())
+    return folder_bytes(step_dir)

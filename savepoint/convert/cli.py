@@ -11,10 +11,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
+from savepoint.checkpoint.objstore import is_url
+from savepoint.checkpoint.storage import location
 from savepoint.config.problems import url_problem
 from savepoint.convert.dcp_hf import KEEP, convert_from_hf, convert_to_hf
 from savepoint.convert.flavors import DEFAULT_FLAVOR, MODEL_NAMES, recorded_flavor, step_flavor
+from savepoint.convert.remote import local_input, local_output
 from savepoint.dtypes import FLOAT_DTYPES
 from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.folder import DEFAULT_SHARD_BYTES
@@ -93,21 +97,27 @@ def run(argv: list[str], prog: str | None = None) -> Path:
     if urls:
         raise ConfigError(urls)
     try:
-        if direction == "from_hf":
-            out = convert_from_hf(ns.input_dir, ns.output_dir, ns.model_flavor, dtype=ns.dtype)
-        else:
-            flavor = step_flavor(ns.input_dir, ns.model_flavor)
-            if ns.model_flavor is None:
-                how = "as its manifest.json records" if recorded_flavor(Path(ns.input_dir)) else \
-                    "the default: the step has no manifest.json recording one"
-                print(f"converting {ns.input_dir} as Llama 3 {flavor} ({how}; --model_flavor overrides)")
-            out = convert_to_hf(ns.input_dir, ns.output_dir, flavor, hf_assets_path=ns.hf_assets_path,
-                                export_dtype=ns.export_dtype, max_shard_bytes=ns.max_shard_size)
+        with local_input(ns.input_dir, hf=direction == "from_hf") as in_dir, local_output(ns.output_dir) as out_dir:
+            out = _convert(direction, ns, in_dir, out_dir)
     except CheckpointError as e:
         # The adapter's messages name the training flag; here the flag is --model_flavor.
         raise CheckpointError(str(e).replace("--model.flavor", "--model_flavor")) from e
+    if is_url(ns.output_dir):
+        out = ns.output_dir
     print(f"wrote {out}")
     return out
+
+
+def _convert(direction: str, ns: argparse.Namespace, in_dir: str, out_dir: str) -> Any:
+    if direction == "from_hf":
+        return convert_from_hf(in_dir, out_dir, ns.model_flavor, dtype=ns.dtype)
+    flavor = step_flavor(in_dir, ns.model_flavor)
+    if ns.model_flavor is None:
+        how = "as its manifest.json records" if recorded_flavor(location(in_dir)) else \
+            "the default: the step has no manifest.json recording one"
+        print(f"converting {ns.input_dir} as Llama 3 {flavor} ({how}; --model_flavor overrides)")
+    return convert_to_hf(in_dir, out_dir, flavor, hf_assets_path=ns.hf_assets_path,
+                         export_dtype=ns.export_dtype, max_shard_bytes=ns.max_shard_size)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -61,6 +61,8 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from savepoint.checkpoint.coordination import as_savepoint_error
 from savepoint.checkpoint.fit import check_model_fits
+from savepoint.checkpoint.object_folder import listing
+from savepoint.checkpoint.objstore import ObjectPath, is_url
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
 from savepoint.convert.flavors import resolve_flavor, step_flavor
@@ -241,7 +243,14 @@ def check_dcp_keys(adapter: Llama3HFAdapter, saved: dict[str, Any], where: str) 
                      family=_is_model_key)
 
 
-def _read_dcp_metadata(src: Path, reader: VerifyingReader) -> dict[str, Any]:
+def _read_dcp_metadata(src: Any, reader: VerifyingReader) -> dict[str, Any]:
+    if isinstance(src, ObjectPath):
+        names = listing(src)
+        if DCP_MARKER not in names:
+            hint = " (it is a Hugging Face folder already)" if HF_INDEX in names or SINGLE in names else ""
+            raise CheckpointError(f"{src} has no {DCP_MARKER}: it is not a DCP checkpoint step{hint}; point at a "
+                                  "step-N prefix")
+        return dict(reader.read_metadata().state_dict_metadata)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; point at a DCP checkpoint step folder (holding {DCP_MARKER})")
     if not (src / DCP_MARKER).is_file():
@@ -301,9 +310,10 @@ def convert_to_hf(in_dir: str | Path, out_dir: str | Path, flavor: str | ModelAr
     dtype = _dtype(export_dtype, "--export_dtype")
     adapter = Llama3HFAdapter(args, name)
     check_output(out_dir)
-    src = Path(os.path.abspath(in_dir))
-    # Reads .metadata once for the many one-tensor loads, and checks every byte against the manifest.
-    reader = VerifyingReader.for_step(src) if src.is_dir() else VerifyingReader(src)
+    src = ObjectPath(in_dir) if is_url(in_dir) else Path(os.path.abspath(in_dir))
+    # Reads .metadata once for the many one-tensor loads, and checks every byte against the manifest
+    # (on an object store, each tensor's byte ranges only).
+    reader = VerifyingReader.for_step(src) if isinstance(src, ObjectPath) or src.is_dir() else VerifyingReader(src)
     saved = _read_dcp_metadata(src, reader)
     check_dcp_keys(adapter, saved, str(src))
     assets = None if hf_assets_path is None else Path(hf_assets_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from savepoint.checkpoint.manifest import read_manifest
+from savepoint.checkpoint.objstore import ObjectPath
+from savepoint.checkpoint.storage import location
 from savepoint.errors import CheckpointError, ConfigError
 from savepoint.models.llama3.args import LLAMA3_FLAVORS, ModelArgs
 
@@ -32,7 +34,7 @@ def recorded_flavor(step_dir: Path) -> str | None:
     Raises:
         CorruptCheckpointError: the manifest is damaged.
     """
-    manifest = read_manifest(step_dir) if step_dir.is_dir() else None
+    manifest = read_manifest(step_dir) if isinstance(step_dir, ObjectPath) or step_dir.is_dir() else None
     try:
         recorded = manifest["job_config"]["model"]["flavor"]  # type: ignore[index]
     except (KeyError, TypeError):
@@ -52,7 +54,7 @@ def step_flavor(step_dir: str | Path, flavor: str | ModelArgs | None) -> str | M
     """
     if isinstance(flavor, ModelArgs):
         return flavor
-    step_dir = Path(step_dir)
+    step_dir = location(step_dir)
     recorded = recorded_flavor(step_dir)
     if recorded is None:
         return flavor or DEFAULT_FLAVOR

@@ -34,9 +34,11 @@ from savepoint.checkpoint.coordination import as_savepoint_error
 from savepoint.checkpoint.fit import check_model_fits
 from savepoint.checkpoint.reader import VerifyingReader
 from savepoint.checkpoint.safe_load import SafeLoadPlanner
+from savepoint.checkpoint.storage import holds, location
+from savepoint.config.problems import url_problem
 from savepoint.dtypes import FLOAT_DTYPES, torch_dtype
 from savepoint.durable import DCP_MARKER, fsync_file, publish
-from savepoint.errors import CheckpointError, SavepointError
+from savepoint.errors import CheckpointError, ConfigError, SavepointError
 from savepoint.hf.llama3 import map_key, savepoint_shapes
 from savepoint.models.llama3.args import ModelArgs
 
@@ -90,8 +92,8 @@ def read_model_state(step_dir: str | Path, args: ModelArgs) -> dict[str, torch.T
         CheckpointError: the folder is not a DCP checkpoint, or lacks a tensor of ``args``' model, or
             holds it with another shape.
     """
-    step_dir = Path(step_dir)
-    if not (step_dir / DCP_MARKER).is_file():
+    step_dir = location(step_dir)  # an s3:// step is read in place, by ranged GETs
+    if not holds(step_dir, DCP_MARKER):
         raise CheckpointError(f"{step_dir} is not a DCP checkpoint folder (no {DCP_MARKER}); point it at a step-N "
                               "folder")
     reader = VerifyingReader.for_step(step_dir)
@@ -209,6 +211,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", choices=FLOAT_DTYPES,
                         help="cast the weights (default: as saved)")
     ns = parser.parse_args(argv)
+    problems = [*url_problem("to_torchtune: input", ns.step_dir, " ", s3=True),
+                *url_problem("to_torchtune: output", ns.out_file, " ")]
+    if problems:
+        raise ConfigError(problems)
     args = LLAMA3_FLAVORS[ns.model_flavor]
     out = convert_to_torchtune(ns.step_dir, ns.out_file, args, torch_dtype(ns.dtype) if ns.dtype else None)
     name, kwargs = torchtune_builder(args)

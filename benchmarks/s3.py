@@ -1,0 +1,143 @@
+"""Benchmark: saves and loads of one state to a local S3 server against the local disk, side by side.
+
+    .venv/bin/python benchmarks/s3.py            # Llama 3 of ~60M parameters + AdamW (~0.7 GB), ~3 min
+    .venv/bin/python benchmarks/s3.py --quick    # a small smoke run (< 1 min)
+
+Run it from the repository root with the venv's interpreter (``bash scripts/bootstrap.sh`` makes
+``.venv``; the S3 server is moto's, which the test extra installs: ``pip install -e '.[test]'``).
+
+Both folders get the same state (model + AdamW + scheduler + train state, as ``Trainer`` hands it to
+the manager) through the real ``CheckpointManager``: a sync save (written, checksummed, committed:
+on S3 every object uploaded, then the manifest), and a full load into the live model (every byte
+checked against the manifest; on S3, ranged GETs). The disk and S3 turns alternate, so that both
+see the same machine load; each row gives the median, the range and GB/s, and the S3/disk ratio.
+A model-only load (``exclude_from_loading`` the rest) reports how many bytes the ranged GETs
+fetched against the step's size.
+
+The S3 server is moto's, started here on 127.0.0.1 as a subprocess: it speaks the S3 protocol
+(multipart uploads, ranged GETs), but keeps objects in its own Python process's memory, so its
+figures are set by HTTP and moto's per-request cost, not by a disk or a network. Disk figures are
+warm-cache unless the page cache can be dropped (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import _common as common
+import async_save
+import torch.distributed as dist
+
+from savepoint.checkpoint.states import OPTIMIZER
+from savepoint.config.job_config import Comm
+from savepoint.distributed import init_distributed
+
+PRESETS = {
+    "default": {"dim": 768, "n_layers": 4, "vocab_size": 32000, "repeats": 3},
+    "quick": {"dim": 256, "n_layers": 2, "vocab_size": 8192, "repeats": 2},
+}
+
+
+def start_server() -> tuple[object, str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.s3server import S3Server
+
+    server = S3Server().start()
+    os.environ.update(server.env())
+    return server, server.make_bucket("bench")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fetched_bytes(fn) -> tuple[float, int]:
+    """Seconds of ``fn`` and the bytes its S3 reads fetched (s3fs's range fetches, counted on the way)."""
+    import s3fs
+
+    total = [0]
+    real = s3fs.core.S3File._fetch_range
+
+    def counting(self, start, end):
+        data = real(self, start, end)
+        total[0] += len(data)
+        return data
+
+    s3fs.core.S3File._fetch_range = counting
+    try:
+        return timed(fn), total[0]
+    finally:
+        s3fs.core.S3File._fetch_range = real
+
+
+def main() -> None:
+    parser = common.model_parser(__doc__, PRESETS, "small model, 2 repeats: a smoke run of < 1 min",
+                                 "timed saves and loads per folder (default 3, --quick 2)")
+    args = parser.parse_args()
+    common.apply_preset(parser, args, PRESETS)
+    common.quiet_savepoint_log()
+    warnings.filterwarnings("ignore", message=".*pin.?memory.*")
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(async_save.free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+    init_distributed(Comm(backend="gloo"))
+    server, bucket = start_server()
+    try:
+        with common.work_folder("savepoint-s3-", args.dir) as work_dir:
+            run(args, work_dir, f"s3://{bucket}/run")
+    finally:
+        server.stop()
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, work_dir: Path, url: str) -> None:
+    job = async_save.build_job(common.llama_args(args, async_save.SEQ_LEN))
+    params = sum(p.numel() for p in job.model.parameters())
+    managers = {"disk": common.keep_all_manager(work_dir, "checkpoint", job.model, job.states),
+                "s3": common.keep_all_manager(work_dir, url, job.model, job.states)}
+    times: dict[str, list[float]] = {f"{kind} {where}": [] for kind in ("save", "load") for where in managers}
+    sizes: dict[str, int] = {}
+    step = 0
+    for repeat in range(args.repeats):
+        for where in (("disk", "s3") if repeat % 2 == 0 else ("s3", "disk")):
+            manager = managers[where]
+            step += 1
+            job.train_state.step = step
+            times[f"save {where}"].append(timed(lambda m=manager, s=step: m.save(s)))
+            sizes[where] = manager.folder.step_bytes(step)
+            times[f"load {where}"].append(timed(lambda m=manager, s=step: m.load(s)))
+            manager.folder.delete(step)
+    print(f"  {params / 1e6:.1f}M parameters, {sizes['disk'] / 1e9:.3f} GB per step (S3: "
+          f"{sizes['s3'] / 1e9:.3f} GB), {args.repeats} repeats, {os.cpu_count()} CPU cores")
+    print(f"  {'':<12} {'median s':>9} {'range s':>17} {'GB/s':>7}")
+    for name, seconds in times.items():
+        print(f"  {name:<12} {common.timing_cells(seconds, sizes[name.split()[1]], 3)}")
+    for kind in ("save", "load"):
+        s3, disk = times[f"{kind} s3"], times[f"{kind} disk"]
+        pairs = [a / b for a, b in zip(s3, disk, strict=True)]
+        print(f"  {kind}: S3 / disk {sum(s3) / sum(disk):.2f}x (per pair {min(pairs):.2f}x - {max(pairs):.2f}x)")
+
+    # Ranged reads: a model-only load of the S3 step fetches the model's bytes, not the optimizer's.
+    s3 = managers["s3"]
+    step += 1
+    job.train_state.step = step
+    s3.save(step)
+    s3.cfg.exclude_from_loading = [OPTIMIZER]
+    seconds, fetched = fetched_bytes(lambda: s3.load(step))
+    total = s3.folder.step_bytes(step)
+    print(f"  model-only load from S3 (exclude_from_loading optimizer): fetched {fetched / 1e9:.3f} GB of the "
+          f"step's {total / 1e9:.3f} GB ({fetched / total:.2f}x) in {seconds:.3f} s")
+    print("  (moto keeps objects in its own process's memory: S3 figures are set by HTTP and its per-request cost)")
+    for manager in managers.values():
+        manager.close()
+
+
+if __name__ == "__main__":
+    main()
