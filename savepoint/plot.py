@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from savepoint.checkpoint.storage import CheckpointFolder
+from savepoint.checkpoint.storage import checkpoint_location, open_folder
 from savepoint.errors import SavepointError
 
 USAGE = """\
-usage: savepoint plot DUMP_FOLDER [-o OUT.png] [--checkpoint_folder NAME]
+usage: savepoint plot DUMP_FOLDER [-o OUT.png] [--checkpoint_folder NAME|s3://BUCKET/PREFIX]
 
 Plot loss and learning rate against step from DUMP_FOLDER/metrics.jsonl, marking committed saves
 (from DUMP_FOLDER/NAME, default "checkpoint", and the log) and resumes. OUT.png defaults to
@@ -89,7 +89,8 @@ def segments(records: list[dict]) -> list[list[dict]]:
 def plot(dump_folder: Path, out: Path, checkpoint_folder: str = "checkpoint") -> tuple[list[int], list[int]]:
     """Write the PNG; returns (save steps, resume steps) as marked."""
     records = read_records(dump_folder)
-    saves, resumes = find_events(records, CheckpointFolder(dump_folder / checkpoint_folder).committed_steps())
+    folder = open_folder(checkpoint_location(str(dump_folder), checkpoint_folder))  # s3:// too
+    saves, resumes = find_events(records, folder.committed_steps())
     import matplotlib
 
     matplotlib.use("Agg")

@@ -246,14 +246,25 @@ def test_the_lease(bucket, monkeypatch):
         taker.ensure_held()
     finally:
         taker.release()
-    # A restarted worker group of the same torchrun job takes its predecessor's lease at once.
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    # A worker group that the same torchrun agent restarted takes its predecessor's lease at once; the same
+    # rendezvous id (run_train.sh's default is one name for every job) on another host does not.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "savepoint")
     before = ObjectLease(root)
-    before.holder = {**before.holder, "host": "elsewhere", "pid": 1}
+    before.holder = {**before.holder, "pid": 1}  # alive (init), on this host, under this process's parent
     before._write()
     after = ObjectLease(root)
     after.acquire()
     after.release()
+    elsewhere = ObjectLease(root)
+    elsewhere.holder = {**elsewhere.holder, "host": "elsewhere", "pid": 1}
+    elsewhere._write()
+    with pytest.raises(CheckpointError, match="is in use by another job"):
+        ObjectLease(root).acquire()
+    # A damaged lease record is stale, not a traceback.
+    client().pipe_file((root / ".savepoint.lock").path, b'{"token": "x", "expires_unix": "soon", "holder": {}}')
+    last = ObjectLease(root)
+    last.acquire()
+    last.release()
 
 
 def test_initial_load_from_s3_of_savepoint_and_of_torchtitan_steps(train, tmp_path, bucket, caplog):

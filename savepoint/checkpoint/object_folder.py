@@ -39,7 +39,7 @@ from typing import Any
 
 from savepoint.checkpoint.completeness import STAGING_MARK, WriterView, check_complete
 from savepoint.checkpoint.hashing import ALGORITHM, BLOCK, SIDECAR_SUFFIX, hexdigest
-from savepoint.checkpoint.objstore import ObjectPath, ObjectStoreError, client, store_error
+from savepoint.checkpoint.objstore import CONNECT_TIMEOUT, ObjectPath, ObjectStoreError, attempts, client, store_error
 from savepoint.checkpoint.storage import STEP_DIR_RE, CheckpointFolder
 from savepoint.durable import DCP_MARKER, HF_INDEX, MANIFEST
 from savepoint.errors import CheckpointError, CorruptCheckpointError, FatalCheckpointError
@@ -188,7 +188,8 @@ class ObjectFolder(CheckpointFolder):
         fs = client()
         bucket, _, key = self.root.path.partition("/")
         try:
-            uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key + "/").get("Uploads", []) or []
+            uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket,
+                                 Prefix=f"{key}/" if key else "").get("Uploads", []) or []
             for upload in uploads:
                 fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
         except Exception as e:  # noqa: BLE001 - tidying only: a store without the call, or no permission
@@ -219,7 +220,7 @@ class ObjectFolder(CheckpointFolder):
 
     def abort(self, step: int) -> None:
         try:
-            remove_prefix(self.step_dir(step))
+            remove_prefix(self.step_dir(step), first=MANIFEST)
         except ObjectStoreError as e:
             logger.warning("could not remove the uncommitted %s (%s); the next start removes it",
                            self.step_dir(step), e)
@@ -313,9 +314,19 @@ def _hash_object(path: ObjectPath, size: int) -> dict[str, Any]:
 _live_tokens: set[str] = set()  # the leases this process holds now
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (containers sharing a host name may not share pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
+
+
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
-            "started_unix": time.time()}
+    """Who holds a lease: the host and pid (in its pid namespace), and under torchrun its agent's pid."""
+    agent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+    return {"host": socket.gethostname(), "pid_ns": _pid_namespace(), "pid": os.getpid(), "agent_pid": agent,
+            "run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "started_unix": time.time()}
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -334,8 +345,9 @@ class ObjectLease:
     ``<folder>/.savepoint.lock`` holds the holder (host, pid, torchrun run id), a random token and
     the time it expires. A job takes the lease when there is none, it has expired (its holder
     stopped renewing it for ``SAVEPOINT_LEASE_SECONDS``, 30 s by default), its holder is a dead
-    process on this host, or it belongs to an earlier worker group of the same torchrun job (a
-    restart), or to an earlier manager of this very process that ended without releasing it. Otherwise
+    process on this host (in this pid namespace), or it belongs to an earlier worker group started by
+    the same torchrun agent (a restart), or to an earlier manager of this very process that ended
+    without releasing it. Otherwise
     it stops at once, saying who holds it. A thread renews it every third of
     the lease; a renewal that finds another holder's token marks the lease lost, and the next save
     stops the job (``ensure_held``). Object stores have no compare-and-swap that s3fs exposes, so
@@ -379,15 +391,20 @@ class ObjectLease:
         holder = record.get("holder") or {}
         if not isinstance(holder, dict):
             return True
-        if float(record.get("expires_unix") or 0) < time.time():
+        try:
+            if float(record.get("expires_unix") or 0) < time.time():
+                return True
+        except (TypeError, ValueError):
+            return True  # not a lease savepoint wrote: stale
+        mine = self.holder
+        if holder.get("host") != mine["host"] or holder.get("pid_ns") != mine["pid_ns"]:
+            return False  # another machine or container: only expiry frees its lease
+        if holder.get("pid") == mine["pid"]:
+            return record.get("token") not in _live_tokens  # an earlier manager of this process that never released it
+        if not _pid_alive(holder.get("pid")):
             return True
-        if holder.get("host") == self.holder["host"] and not _pid_alive(holder.get("pid")):
-            return True
-        if holder.get("host") == self.holder["host"] and holder.get("pid") == self.holder["pid"] and \
-                record.get("token") not in _live_tokens:
-            return True  # an earlier manager of this process that ended without releasing it
-        run_id = self.holder.get("run_id")
-        return bool(run_id) and holder.get("run_id") == run_id and holder.get("pid") != self.holder["pid"]
+        # A restart by the same torchrun agent: it started this worker group only after the old one had exited.
+        return mine["agent_pid"] is not None and holder.get("agent_pid") == mine["agent_pid"]
 
     def acquire(self) -> None:
         record = self._read()
@@ -419,6 +436,8 @@ class ObjectLease:
         """Extend the lease, unless another job holds it now (then it is lost: returns False)."""
         try:
             record = self._read()
+            if self._stop.is_set():
+                return False  # released meanwhile: never write the lease again
             if record is not None and record.get("token") != self.token:
                 holder = record.get("holder") or {}
                 self._lost = (f"the lease {self.path} was taken by pid {holder.get('pid', '?')} on host "
@@ -444,7 +463,7 @@ class ObjectLease:
             return
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=CONNECT_TIMEOUT * attempts() + 10)  # a renewal in flight ends first
         self._held = False
         _live_tokens.discard(self.token)
         try:

@@ -136,9 +136,13 @@ class StepWriter:
             try:
                 self.folder.check_complete(step, staging, views)
                 self.folder.commit(step, manifest_bytes(self._manifest(step, kind, staging)))
-                return None, self.folder.step_bytes(step)
             except (Exception, CheckpointException) as e:
                 failure = Failure.of(e, 0)
+            else:  # committed: nothing from here on may remove it
+                try:
+                    return None, self.folder.step_bytes(step)
+                except (OSError, CheckpointError):
+                    return None, 0
         self.folder.abort(step)
         return failure, 0
 
