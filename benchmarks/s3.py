@@ -11,8 +11,10 @@ the manager) through the real ``CheckpointManager``: a sync save (written, check
 on S3 every object uploaded, then the manifest), and a full load into the live model (every byte
 checked against the manifest; on S3, ranged GETs). The disk and S3 turns alternate, so that both
 see the same machine load; each row gives the median, the range and GB/s, and the S3/disk ratio.
-A model-only load (``exclude_from_loading`` the rest) reports how many bytes the ranged GETs
-fetched against the step's size.
+The same number of bytes through s3fs alone (a streamed PUT, 64 MiB ranged GETs) gives the
+store's ceiling, and savepoint's save and load as a fraction of it. A model-only load
+(``exclude_from_loading`` the optimizer) reports how many bytes the ranged GETs fetched against the
+step's size.
 
 The S3 server is moto's, started here on 127.0.0.1 as a subprocess: it speaks the S3 protocol
 (multipart uploads, ranged GETs), but keeps objects in its own Python process's memory, so its
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -124,6 +127,19 @@ def run(args: argparse.Namespace, work_dir: Path, url: str) -> None:
         pairs = [a / b for a, b in zip(s3, disk, strict=True)]
         print(f"  {kind}: S3 / disk {sum(s3) / sum(disk):.2f}x (per pair {min(pairs):.2f}x - {max(pairs):.2f}x)")
 
+    # The store's own ceiling: the same number of bytes through s3fs alone (8 MiB writes, 64 MiB GETs).
+    from savepoint.checkpoint.objstore import ObjectPath, client
+
+    blob, data = (ObjectPath(url) / "raw").path, os.urandom(sizes["s3"])
+    raw_put = timed(lambda: _put(client(), blob, data))
+    raw_get = timed(lambda: [client().cat_file(blob, start=i, end=min(i + (64 << 20), len(data)))
+                             for i in range(0, len(data), 64 << 20)])
+    client().rm_file(blob)
+    save_share = raw_put / statistics.median(times["save s3"])
+    load_share = raw_get / statistics.median(times["load s3"])
+    print(f"  s3fs alone, same bytes: PUT {len(data) / 1e9 / raw_put:.3f} GB/s, ranged GETs "
+          f"{len(data) / 1e9 / raw_get:.3f} GB/s; savepoint's save {save_share:.2f}x, load {load_share:.2f}x of that")
+
     # Ranged reads: a model-only load of the S3 step fetches the model's bytes, not the optimizer's.
     s3 = managers["s3"]
     step += 1
@@ -137,6 +153,12 @@ def run(args: argparse.Namespace, work_dir: Path, url: str) -> None:
     print("  (moto keeps objects in its own process's memory: S3 figures are set by HTTP and its per-request cost)")
     for manager in managers.values():
         manager.close()
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as f:
+        for i in range(0, len(data), 8 << 20):
+            f.write(data[i:i + (8 << 20)])
 
 
 if __name__ == "__main__":
