@@ -41,6 +41,15 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
     steps = folder.committed_steps()
     if not steps:
         return "\n".join([f"{target}: no committed steps", *_memory_lines(target)]), []
+    lines, unreadable = _steps_lines(target, folder, steps)
+    leftovers = sorted(_shown(p.name) for p in target.iterdir() if p.name.startswith(".step-"))
+    if leftovers:
+        lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
+    return "\n".join(lines + _memory_lines(target)), unreadable
+
+
+def _steps_lines(target: Any, folder: CheckpointFolder, steps: list[int]) -> tuple[list[str], list[str]]:
+    """The folder's title line and one line per committed step; and the steps that could not be read."""
     lines = [f"{target}: {len(steps)} committed step(s)"]
     unreadable = []
     for step in steps:
@@ -49,10 +58,7 @@ def describe(path: str | os.PathLike) -> tuple[str, list[str]]:
         except CheckpointError as e:
             unreadable.append(f"step-{step}")
             lines.append(f"  step-{step:<8} CANNOT READ: {e}")
-    leftovers = sorted(_shown(p.name) for p in target.iterdir() if p.name.startswith(".step-"))
-    if leftovers:
-        lines.append(f"  leftovers from interrupted saves (removed at next start): {', '.join(leftovers)}")
-    return "\n".join(lines + _memory_lines(target)), unreadable
+    return lines, unreadable
 
 
 def _describe_objects(target: ObjectPath) -> tuple[str, list[str]]:
@@ -70,14 +76,7 @@ def _describe_objects(target: ObjectPath) -> tuple[str, list[str]]:
     if not steps:
         folder.ensure_writable()  # a missing bucket, refused credentials: said as such
         return "\n".join([f"{target}: no committed steps", *tail]), []
-    lines = [f"{target}: {len(steps)} committed step(s)"]
-    unreadable = []
-    for step in steps:
-        try:
-            lines.append(f"  step-{step:<8} {_step_summary(folder, step)}")
-        except CheckpointError as e:
-            unreadable.append(f"step-{step}")
-            lines.append(f"  step-{step:<8} CANNOT READ: {e}")
+    lines, unreadable = _steps_lines(target, folder, steps)
     return "\n".join(lines + tail), unreadable
 
 
