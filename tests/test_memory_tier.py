@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,8 +284,19 @@ def test_a_full_memory_folder_skips_saves_and_training_goes_on(straight, tmp_pat
     assert torch.equal(trainer.model.tok_embeddings.weight, straight[1].model.tok_embeddings.weight)
 
 
-def test_due_saves_are_skipped_while_one_is_written_and_training_is_not_held_up(straight, tmp_path, caplog):
-    """Steps of milliseconds, a RAM save of ~70 MB: most due saves find the one before still being written."""
+def test_due_saves_are_skipped_while_one_is_written_and_training_is_not_held_up(straight, tmp_path, caplog,
+                                                                                  monkeypatch):
+    """Steps of milliseconds, a RAM save that takes at least half a second: most due saves find the one before
+    still being written (the pause makes that so however fast this machine writes, or slow it trains)."""
+    from savepoint.checkpoint.hashing import HashingWriter
+
+    real = HashingWriter.write_data
+
+    def slow_write(self, plan, planner):
+        time.sleep(0.5)
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(HashingWriter, "write_data", slow_write)
     dump, shm = tmp_path / "run", tmp_path / "shm"
     args = memory_args(shm, 1, "--training.steps", "20", "--checkpoint.interval", "100")
     trainer = Trainer(make_config(dump, *args))
