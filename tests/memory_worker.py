@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,22 @@ def losses(dump: Path) -> dict[int, float]:
 def run(dump: Path, args: list[str], stop_after: int | None = None, keep_up: bool = True) -> Trainer:
     trainer = Trainer(make_config(dump, *ARGS, *args))
     tier = trainer.checkpointer.memory
+    if not keep_up and tier is not None:
+        # A writer that cannot keep up however fast this machine writes (or slow it trains): each RAM
+        # save takes at least half a second, and a step takes much less.
+        start = tier.saver.start
+
+        def slow_start(step: int, kind: str, staging: Path, state: dict, planner: object, writer: object) -> None:
+            write_data = writer.write_data  # runs on the writer thread
+
+            def slow_write(plan: object, save_planner: object) -> object:
+                time.sleep(0.5)
+                return write_data(plan, save_planner)
+
+            writer.write_data = slow_write
+            start(step, kind, staging, state, planner, writer)
+
+        tier.saver.start = slow_start
     if keep_up and tier is not None:
         # Each RAM save finishes before the next step's verdict, as a writer faster than a step would;
         # the debug model's steps take milliseconds, so due saves would otherwise be skipped ("skipping").
