@@ -1,6 +1,6 @@
 """Benchmark: saves and loads of one state to a local S3 server against the local disk, side by side.
 
-    .venv/bin/python benchmarks/s3.py            # Llama 3 of ~60M parameters + AdamW (~0.7 GB), ~3 min
+    .venv/bin/python benchmarks/s3.py            # Llama 3 of 75M parameters + AdamW (0.9 GB), ~4-5 min on 2 cores
     .venv/bin/python benchmarks/s3.py --quick    # a small smoke run (< 1 min)
 
 Run it from the repository root with the venv's interpreter (``bash scripts/bootstrap.sh`` makes
@@ -9,8 +9,12 @@ Run it from the repository root with the venv's interpreter (``bash scripts/boot
 Both folders get the same state (model + AdamW + scheduler + train state, as ``Trainer`` hands it to
 the manager) through the real ``CheckpointManager``: a sync save (written, checksummed, committed:
 on S3 every object uploaded, then the manifest), and a full load into the live model (every byte
-checked against the manifest; on S3, ranged GETs). The disk and S3 turns alternate, so that both
-see the same machine load; each row gives the median, the range and GB/s, and the S3/disk ratio.
+checked against the manifest; on S3, ranged GETs). Then the two async modes, ``async`` and
+``async_with_pinned_mem``, each with its own manager per folder: the save call until the state is
+staged (what training waits for), and until the step is committed (``finish_inflight``), after
+one untimed save per manager that starts its writer (at most 2 timed saves per folder and mode).
+The disk and S3 turns alternate, so that both see the same machine load; each row gives the median,
+the range and GB/s, and the S3/disk ratio.
 The same number of bytes through s3fs alone (a streamed PUT, 64 MiB ranged GETs) gives the
 store's ceiling, and savepoint's save and load as a fraction of it. A model-only load
 (``exclude_from_loading`` the optimizer) reports how many bytes the ranged GETs fetched against the
@@ -39,11 +43,18 @@ import torch.distributed as dist
 from savepoint.checkpoint.states import OPTIMIZER
 from savepoint.config.job_config import Comm
 from savepoint.distributed import init_distributed
+from savepoint.errors import CheckpointError
+
+if __name__ == "__mp_main__":  # this file imported by the spawned writer process of async_with_pinned_mem
+    import torch.distributed.checkpoint._async_process_executor as _executor
+
+    _executor._init_logger = lambda rank: None  # it logs every request at INFO; warnings and errors still show
 
 PRESETS = {
     "default": {"dim": 768, "n_layers": 4, "vocab_size": 32000, "repeats": 3},
     "quick": {"dim": 256, "n_layers": 2, "vocab_size": 8192, "repeats": 2},
 }
+ASYNC_MODES = ("async", "async_with_pinned_mem")
 
 
 def start_server() -> tuple[object, str]:
@@ -108,6 +119,7 @@ def run(args: argparse.Namespace, work_dir: Path, url: str) -> None:
     times: dict[str, list[float]] = {f"{kind} {where}": [] for kind in ("save", "load") for where in managers}
     sizes: dict[str, int] = {}
     step = 0
+    print(f"  sync saves and loads, {args.repeats} per folder ...", flush=True)
     for repeat in range(args.repeats):
         for where in (("disk", "s3") if repeat % 2 == 0 else ("s3", "disk")):
             manager = managers[where]
@@ -150,9 +162,56 @@ def run(args: argparse.Namespace, work_dir: Path, url: str) -> None:
     total = s3.folder.step_bytes(step)
     print(f"  model-only load from S3 (exclude_from_loading optimizer): fetched {fetched / 1e9:.3f} GB of the "
           f"step's {total / 1e9:.3f} GB ({fetched / total:.2f}x) in {seconds:.3f} s")
-    print("  (moto keeps objects in its own process's memory: S3 figures are set by HTTP and its per-request cost)")
     for manager in managers.values():
         manager.close()
+    async_rows(args, job, work_dir, url, sizes, step)
+    print("  (moto keeps objects in its own process's memory: S3 figures are set by HTTP and its per-request cost)")
+
+
+def async_rows(args: argparse.Namespace, job, work_dir: Path, url: str, sizes: dict[str, int], step: int) -> None:
+    """Per async mode: the save call until staged, and until committed, to disk and S3 in turn."""
+    for mode in ASYNC_MODES:
+        repeats = min(args.repeats, 2)
+        print(f"  {mode}: {repeats} saves per folder ...", flush=True)
+        managers = {"disk": common.keep_all_manager(work_dir, f"checkpoint-{mode}", job.model, job.states, mode),
+                    "s3": common.keep_all_manager(work_dir, f"{url}-{mode}", job.model, job.states, mode)}
+        staged: dict[str, list[float]] = {where: [] for where in managers}
+        committed: dict[str, list[float]] = {where: [] for where in managers}
+        where = "disk"
+        try:
+            for where in managers:  # untimed: the writer (thread or process) starts
+                manager = managers[where]
+                step += 1
+                job.train_state.step = step
+                manager.save(step)
+                manager.finish_inflight()
+                manager.folder.delete(step)
+            for repeat in range(repeats):
+                for where in (("disk", "s3") if repeat % 2 == 0 else ("s3", "disk")):
+                    manager = managers[where]
+                    step += 1
+                    job.train_state.step = step
+                    start = time.perf_counter()
+                    manager.save(step)
+                    manager.wait_for_staging()
+                    staged[where].append(time.perf_counter() - start)
+                    manager.finish_inflight()
+                    committed[where].append(time.perf_counter() - start)
+                    manager.folder.delete(step)
+        except CheckpointError as e:
+            print(f"  {mode}: FAILED at step {step} ({where}): {e}", flush=True)
+            continue
+        finally:
+            for manager in managers.values():
+                manager.close()
+        print(f"  {'':<12} {'median s':>9} {'range s':>17} {'GB/s':>7}   (until committed; staged: median s)")
+        for where in managers:
+            print(f"  save {where:<7} {common.timing_cells(committed[where], sizes[where], 3)}   "
+                  f"staged {statistics.median(staged[where]):.3f}")
+        s3, disk = committed["s3"], committed["disk"]
+        pairs = [a / b for a, b in zip(s3, disk, strict=True)]
+        print(f"  {mode} save until committed: S3 / disk {sum(s3) / sum(disk):.2f}x "
+              f"(per pair {min(pairs):.2f}x - {max(pairs):.2f}x)")
 
 
 def _put(fs, path: str, data: bytes) -> None:
