@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from savepoint.checkpoint.object_folder import ObjectFolder, ObjectLease, listing
+from savepoint.checkpoint.object_folder import ObjectFolder, listing
+from savepoint.checkpoint.object_lease import ObjectLease
 from savepoint.checkpoint.objstore import ObjectPath, client
 from savepoint.errors import CheckpointError, CorruptCheckpointError, FatalCheckpointError
 from tests.conftest import losses
